@@ -1,0 +1,91 @@
+"""Static KV caches and the slot arithmetic that makes them exact.
+
+Every cache is a ring of `length` slots per row: the token at position `p` (its index
+among the row's real tokens, padding excluded) lives in slot `p % length`.
+- Full-attention layers get `length = sequence_length`, so they never wrap.
+- Sliding layers get `length = min(sliding_window, sequence_length)`: after writing
+  position `p` the ring holds positions `p - W + 1 .. p`, exactly the keys a sliding
+  query may see (`q - k < W`), so no window mask is needed in decode.
+In both cases slot `s` holds a real, current token iff `s <= p`, so one mask rule serves
+both layer types. Left padding never enters the cache, so the window counts real tokens
+exactly as transformers' slot-space mask does for a left-padded batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class KVCache(nn.Module):
+    """One layer's K and V caches, `[batch, kv_heads, length, head_dim]`, updated in place.
+
+    The buffers are not part of the state dict: weights stay separable from graph state.
+    """
+
+    def __init__(self, batch_size: int, kv_heads: int, length: int, head_dim: int, dtype):
+        super().__init__()
+        shape = (batch_size, kv_heads, length, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+    def fill(self, k: torch.Tensor, v: torch.Tensor, source_index: torch.Tensor) -> None:
+        """Prefill: write the whole cache from a prompt's K/V `[B, Hkv, S, D]`.
+
+        `source_index[b, s]` is the prompt index whose K/V belongs in slot `s` (see
+        `fill_index`); slots without a real token receive clamped copies that the mask
+        hides until decode overwrites them.
+        """
+        index = source_index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        self.k.copy_(torch.gather(k, 2, index))
+        self.v.copy_(torch.gather(v, 2, index))
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        """Decode: write one token per row `[B, Hkv, 1, D]` at slot `position % length`.
+
+        Returns the caches to attend over. Only B slots are written: the cost does not
+        grow with the cache length.
+        """
+        slot = (positions % self.length).view(-1, 1, 1, 1).expand(-1, k.shape[1], 1, k.shape[3])
+        self.k.scatter_(2, slot, k)
+        self.v.scatter_(2, slot, v)
+        return self.k, self.v
+
+
+def fill_index(lengths: torch.Tensor, prompt_len: int, cache_len: int) -> torch.Tensor:
+    """For each row and cache slot, the index in the left-padded prompt that fills it.
+
+    Slot `s` receives the latest real position `p <= lengths - 1` with `p % cache_len == s`;
+    a left-padded row's position `p` sits at prompt index `p + (prompt_len - lengths)`.
+    """
+    last = (lengths - 1)[:, None]
+    slots = torch.arange(cache_len, device=lengths.device)
+    positions = last - torch.remainder(last - slots, cache_len)
+    index = positions + (prompt_len - lengths)[:, None]
+    return index.clamp(0, prompt_len - 1)
+
+
+def decode_mask(positions: torch.Tensor, cache_len: int) -> torch.Tensor:
+    """`[B, 1, 1, L]` mask: slot `s` is attendable iff it holds a real token, i.e. `s <= p`."""
+    slots = torch.arange(cache_len, device=positions.device)
+    return (slots <= positions[:, None])[:, None, None, :]
+
+
+def prefill_mask(attention_mask: torch.Tensor, window: int | None) -> torch.Tensor:
+    """`[B, 1, S, S]` causal mask over a left-padded prompt, with an optional sliding window.
+
+    Query `i` sees key `j` iff key `j` is a real token, `j <= i` and (sliding) `i - j < W`.
+    With left padding a row's real tokens are contiguous, so index distance equals
+    position distance.
+    """
+    prompt_len = attention_mask.shape[1]
+    idx = torch.arange(prompt_len, device=attention_mask.device)
+    distance = idx[:, None] - idx[None, :]
+    allowed = distance >= 0
+    if window is not None:
+        allowed = allowed & (distance < window)
+    return (allowed[None] & attention_mask.bool()[:, None, :])[:, None]

@@ -1,0 +1,219 @@
+"""The Gemma-3 text decoder as two static-shape graphs: prefill and decode.
+
+One `Gemma3Decoder` owns the weights and the KV caches; `PrefillGraph` and `DecodeGraph`
+are thin views of it with the signatures a compiler backend traces:
+
+- prefill(input_ids [B, S], attention_mask [B, S]) -> logits [B, V] of each row's last
+  token. Rows are left-padded, so the last real token is at index S - 1 for every row.
+  The caches are filled as a side effect.
+- decode(input_ids [B, 1], positions [B]) -> logits [B, V]. `positions` is the index of
+  the new token among the row's real tokens (the prompt length on the first step).
+
+Parameter names mirror transformers' `Gemma3TextModel`, so checkpoint loading is only
+prefix handling (see `optimum_gemma3.weights`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import Gemma3TextConfig
+
+from .cache import KVCache, decode_mask, fill_index, prefill_mask
+from .config import FULL, LAYER_TYPES, SLIDING, rope_frequencies, text_config
+from .layers import MLP, RMSNorm, RotaryEmbedding, apply_rotary, grouped_attention
+
+
+@dataclass
+class LayerInputs:
+    """What every layer of one type (sliding or full) needs for one graph call."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor | None = None  # decode: where to write the new token
+    fill_index: torch.Tensor | None = None  # prefill: which prompt token fills each slot
+
+
+class Attention(nn.Module):
+    """Gemma-3 attention with q/k norms before RoPE and its own KV cache.
+
+    Head counts are attributes of the module, not re-read from the config, so a
+    tensor-parallel build can give each rank a slice of the heads.
+    """
+
+    def __init__(self, config: Gemma3TextConfig, cache: KVCache):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        # Gemma-3 scales scores by query_pre_attn_scalar**-0.5, not head_dim**-0.5 (27b: 168).
+        self.scale = config.query_pre_attn_scalar**-0.5
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.cache = cache
+
+    def _heads(self, x: torch.Tensor, num_heads: int) -> torch.Tensor:
+        batch, seq = x.shape[:2]
+        return x.view(batch, seq, num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
+        q = self.q_norm(self._heads(self.q_proj(x), self.num_heads))
+        k = self.k_norm(self._heads(self.k_proj(x), self.num_kv_heads))
+        v = self._heads(self.v_proj(x), self.num_kv_heads)
+        q = apply_rotary(q, inputs.cos, inputs.sin)
+        k = apply_rotary(k, inputs.cos, inputs.sin)
+        if inputs.fill_index is not None:
+            # Prefill starts from an empty cache: attend within the prompt, then store it.
+            self.cache.fill(k, v, inputs.fill_index)
+        else:
+            k, v = self.cache.update(k, v, inputs.positions)
+        out = grouped_attention(q, k, v, inputs.mask, self.scale)
+        batch, seq = x.shape[:2]
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class DecoderLayer(nn.Module):
+    """Pre- and post-norm around both attention and MLP: four norms per block."""
+
+    def __init__(self, config: Gemma3TextConfig, layer_type: str, cache: KVCache):
+        super().__init__()
+        self.layer_type = layer_type
+        eps = config.rms_norm_eps
+        self.self_attn = Attention(config, cache)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size, config.hidden_activation)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+        self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
+
+    def forward(self, h: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
+        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), inputs))
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+
+
+class Gemma3Decoder(nn.Module):
+    """Weights, caches and the two forward passes of a Gemma-3 text decoder.
+
+    Built for a fixed `batch_size` and `sequence_length` (the cache length of full layers);
+    prefill accepts any prompt length up to `sequence_length`, so each bucket is the same
+    module traced with a different input shape.
+    """
+
+    def __init__(
+        self,
+        config,
+        batch_size: int,
+        sequence_length: int,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        config = text_config(config)
+        self.config = config
+        self.batch_size = batch_size
+        self.sequence_length = sequence_length
+        self.dtype = dtype
+        self.window = {SLIDING: config.sliding_window, FULL: None}
+        self.cache_len = {SLIDING: min(config.sliding_window, sequence_length), FULL: sequence_length}
+
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # sqrt(hidden) held in fp32 and rounded to the weight dtype before the multiply,
+        # as transformers does (bf16 1b: 34.0, not 33.94).
+        self.register_buffer(
+            "embed_scale", torch.tensor(config.hidden_size**0.5), persistent=False
+        )
+        layers = []
+        for layer_type in config.layer_types[: config.num_hidden_layers]:
+            if layer_type not in LAYER_TYPES:
+                raise ValueError(f"Unknown layer type {layer_type!r} in config.layer_types.")
+            cache = KVCache(
+                batch_size,
+                config.num_key_value_heads,
+                self.cache_len[layer_type],
+                config.head_dim,
+                dtype,
+            )
+            layers.append(DecoderLayer(config, layer_type, cache))
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
+        self.rotary = nn.ModuleDict(
+            {kind: RotaryEmbedding(*rope_frequencies(config, kind)) for kind in LAYER_TYPES}
+        )
+        # Only parameters take the model dtype; embed_scale and inv_freq stay fp32.
+        for param in self.parameters():
+            param.data = param.data.to(dtype)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight
+        return self.embed_tokens(input_ids) * self.embed_scale.to(weight.dtype)
+
+    def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
+        """Head on the final-normed hidden state of one token per row. Tied: the unscaled table."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(self.norm(h_last), weight)
+
+    def _run_layers(self, h: torch.Tensor, inputs: dict[str, LayerInputs]) -> torch.Tensor:
+        for layer in self.layers:
+            h = layer(h, inputs[layer.layer_type])
+        return h
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Run a left-padded prompt batch, fill every cache, return last-token logits."""
+        prompt_len = input_ids.shape[1]
+        lengths = attention_mask.sum(-1)
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        inputs = {}
+        for kind in LAYER_TYPES:
+            cos, sin = self.rotary[kind](positions, self.dtype)
+            inputs[kind] = LayerInputs(
+                cos,
+                sin,
+                prefill_mask(attention_mask, self.window[kind]),
+                fill_index=fill_index(lengths, prompt_len, self.cache_len[kind]),
+            )
+        h = self._run_layers(self._embed(input_ids), inputs)
+        return self._logits(h[:, -1])
+
+    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Run one token per row at `positions`, updating the caches in place."""
+        inputs = {}
+        for kind in LAYER_TYPES:
+            cos, sin = self.rotary[kind](positions[:, None], self.dtype)
+            mask = decode_mask(positions, self.cache_len[kind])
+            inputs[kind] = LayerInputs(cos, sin, mask, positions=positions)
+        h = self._run_layers(self._embed(input_ids), inputs)
+        return self._logits(h[:, -1])
+
+
+class PrefillGraph(nn.Module):
+    """`Gemma3Decoder.prefill` as a module's forward, for tracing one prompt bucket."""
+
+    def __init__(self, decoder: Gemma3Decoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.decoder.prefill(input_ids, attention_mask)
+
+
+class DecodeGraph(nn.Module):
+    """`Gemma3Decoder.decode` as a module's forward, for tracing the one-token step."""
+
+    def __init__(self, decoder: Gemma3Decoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.decoder.decode(input_ids, positions)

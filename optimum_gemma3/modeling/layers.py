@@ -1,0 +1,111 @@
+"""Gemma-3 building blocks, each written to match transformers 4.57 operation for operation.
+
+The order and dtype of every operation matters for exact parity: norms compute in fp32
+and cast once, RoPE tables are fp32 cast to the activation dtype, softmax is fp32 and
+cast back before multiplying by V (as transformers' eager attention does).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+
+class RMSNorm(nn.Module):
+    """Gemma RMSNorm: `x * rsqrt(mean(x^2) + eps) * (1 + w)` in fp32, cast back once.
+
+    The checkpoint stores the zero-centred `w`; folding `+1` into low-precision weights
+    would lose precision, so it stays in fp32 arithmetic here.
+    """
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1.0 + self.weight.float())).type_as(x)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for given positions, computed in fp32 from fixed inverse frequencies.
+
+    Computing them from positions inside the graph (instead of a table indexed by position)
+    keeps the graph small for 128k-position models and costs B*S*D/2 cosines per call.
+    """
+
+    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float):
+        super().__init__()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.attention_scaling = attention_scaling
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        freqs = positions.float()[..., None] * self.inv_freq  # [B, S, D/2]
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, S, D]: broadcast over heads
+        cos = angles.cos() * self.attention_scaling
+        sin = angles.sin() * self.attention_scaling
+        return cos.to(dtype), sin.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """NeoX (rotate-half) RoPE."""
+    return x * cos + rotate_half(x) * sin
+
+
+def attention_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """`q @ k^T` over head_dim.
+
+    The one place that contracts head_dim for the scores: a Neuron variant that splits
+    head_dim 256 into 128-wide chunks (sum of per-chunk products) replaces only this.
+    """
+    return q @ k.transpose(-1, -2)
+
+
+def attention_values(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`P @ V`; produces head_dim, so a chunked variant concatenates per-chunk outputs."""
+    return probs @ v
+
+
+def grouped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Masked softmax attention with grouped query heads.
+
+    q: [B, H, S, D]; k, v: [B, Hkv, L, D]; mask: [B, 1, S, L] (True = may attend).
+    Query head h uses kv head h // (H / Hkv), as transformers' `repeat_kv` does, but the
+    query heads of a group are stacked instead of copying K and V per query head.
+    Masked scores are set to the dtype's lowest finite value (never -inf), so a row with
+    nothing to attend to (a padding row) gives finite garbage that is never read.
+    """
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    q = q.reshape(batch, kv_heads, group * q_len, head_dim)
+    scores = (attention_scores(q, k) * scale).view(batch, kv_heads, group, q_len, kv_len)
+    scores = torch.where(mask[:, None], scores, torch.finfo(scores.dtype).min)
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = attention_values(probs.view(batch, kv_heads, group * q_len, kv_len), v)
+    return out.view(batch, heads, q_len, head_dim)
+
+
+class MLP(nn.Module):
+    """`down(act(gate(x)) * up(x))`; Gemma-3's activation is gelu with the tanh approximation."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act = ACT2FN[activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,94 @@
+"""Checkpoint safetensors -> the decoder's parameters.
+
+Gemma-3 checkpoints name the text decoder three ways:
+- `model.*`                  (270m, 1b: `Gemma3ForCausalLM`)
+- `language_model.model.*`   (original 4b/12b/27b multimodal checkpoints)
+- `model.language_model.*`   (multimodal checkpoints re-saved by transformers >= 4.52)
+Vision tower and projector weights are dropped; the head is tied to the embedding, so a
+stored `lm_head.weight` is ignored unless the config unties it. Only safetensors are
+read: a downloaded pickle is never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+logger = logging.getLogger(__name__)
+
+DECODER_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
+HEAD_NAMES = ("lm_head.weight", "language_model.lm_head.weight")
+SKIPPED_PREFIXES = (
+    "vision_tower.",
+    "multi_modal_projector.",
+    "model.vision_tower.",
+    "model.multi_modal_projector.",
+)
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+
+def safetensors_files(model_dir: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a checkpoint folder (single file or sharded with an index)."""
+    model_dir = Path(model_dir)
+    index = model_dir / SAFE_WEIGHTS_INDEX_NAME
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [model_dir / shard for shard in shards]
+    elif (model_dir / SAFE_WEIGHTS_NAME).is_file():
+        files = [model_dir / SAFE_WEIGHTS_NAME]
+    else:
+        raise FileNotFoundError(
+            f"No {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} in {model_dir}. optimum-gemma3 "
+            "loads safetensors checkpoints only; convert a .bin checkpoint with "
+            "transformers' save_pretrained(safe_serialization=True) first."
+        )
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"Checkpoint shards listed in the index are missing: {missing}")
+    return files
+
+
+def decoder_name(checkpoint_name: str, tied: bool) -> str | None:
+    """Map a checkpoint tensor name to the decoder's parameter name, or None to skip it."""
+    if checkpoint_name in HEAD_NAMES:
+        return None if tied else "lm_head.weight"
+    if checkpoint_name.startswith(SKIPPED_PREFIXES):
+        return None
+    for prefix in DECODER_PREFIXES:
+        if checkpoint_name.startswith(prefix):
+            return checkpoint_name[len(prefix) :]
+    return None
+
+
+def load_decoder_state_dict(
+    model_dir: str | os.PathLike, dtype: torch.dtype, tied: bool = True
+) -> dict[str, torch.Tensor]:
+    """Read the text decoder's tensors from a checkpoint folder, renamed and cast to `dtype`."""
+    state_dict: dict[str, torch.Tensor] = {}
+    for path in safetensors_files(model_dir):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                target = decoder_name(name, tied)
+                if target is not None:
+                    state_dict[target] = f.get_tensor(name).to(dtype)
+    return state_dict
+
+
+def load_weights(decoder: torch.nn.Module, model_dir: str | os.PathLike) -> None:
+    """Load a checkpoint into a `Gemma3Decoder`, failing on any missing or unexpected tensor."""
+    state_dict = load_decoder_state_dict(
+        model_dir, decoder.dtype, tied=decoder.config.tie_word_embeddings
+    )
+    result = decoder.load_state_dict(state_dict, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"Checkpoint {model_dir} does not match the Gemma-3 decoder built from its config: "
+            f"missing {result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}."
+        )
