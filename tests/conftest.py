@@ -1,0 +1,51 @@
+"""Shared fixtures: small random-weight Gemma-3 checkpoints shaped like every size, and the
+real 270M converted by scripts/prepare_270m.py."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import importlib.util  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tests.tiny_models import TINY_CONFIGS, save_random_checkpoint  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    # Tiny models run fastest on one thread, and OpenMP threads spinning against another
+    # process on 2 cores slow small ops down 20x. Real-model tests raise it locally.
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """Lazily saved random checkpoints, one folder per name in TINY_CONFIGS."""
+    root = tmp_path_factory.mktemp("tiny")
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            cache[name] = save_random_checkpoint(name, root / name)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def real_270m() -> Path:
+    """The real Gemma-3 270M as an fp32 HF folder (converted once, then cached)."""
+    spec = importlib.util.spec_from_file_location("prepare_270m", REPO / "scripts/prepare_270m.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ensure_checkpoint()
+
+
+__all__ = ["TINY_CONFIGS"]
