@@ -8,7 +8,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import importlib.util  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -42,10 +41,9 @@ def tiny_checkpoints(tmp_path_factory):
 @pytest.fixture(scope="session")
 def real_270m() -> Path:
     """The real Gemma-3 270M as an fp32 HF folder (converted once, then cached)."""
-    spec = importlib.util.spec_from_file_location("prepare_270m", REPO / "scripts/prepare_270m.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.ensure_checkpoint()
+    from scripts.prepare_270m import ensure_checkpoint
+
+    return ensure_checkpoint()
 
 
 __all__ = ["TINY_CONFIGS"]

@@ -13,9 +13,7 @@ from tests.test_parity import build_decoder, left_padded_batch
 def export_graphs(decoder, prompt_length: int):
     batch = decoder.batch_size
     ids = torch.zeros(batch, prompt_length, dtype=torch.long)
-    prefill = torch.export.export(
-        PrefillGraph(decoder), (ids, torch.ones_like(ids)), strict=True
-    )
+    prefill = torch.export.export(PrefillGraph(decoder), (ids, torch.ones_like(ids)), strict=True)
     decode = torch.export.export(
         DecodeGraph(decoder),
         (torch.zeros(batch, 1, dtype=torch.long), torch.zeros(batch, dtype=torch.long)),

@@ -32,24 +32,67 @@ COMMON = dict(
 
 TEXT_SHAPES = {
     # 270m/1b: MQA (one kv head), head_dim 256 scaled down, no RoPE scaling.
-    "270m": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
-                 num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
-                 vocab_size=512),
-    "1b": dict(hidden_size=96, intermediate_size=192, num_hidden_layers=7, num_attention_heads=4,
-               num_key_value_heads=1, head_dim=64, query_pre_attn_scalar=64, sliding_window=16,
-               vocab_size=512),
+    "270m": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=32,
+        query_pre_attn_scalar=32,
+        sliding_window=8,
+        vocab_size=512,
+    ),
+    "1b": dict(
+        hidden_size=96,
+        intermediate_size=192,
+        num_hidden_layers=7,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=64,
+        query_pre_attn_scalar=64,
+        sliding_window=16,
+        vocab_size=512,
+    ),
     # 4b/12b: GQA with linear x8 RoPE scaling on full layers; a 262208-like odd vocab.
-    "4b": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=6, num_attention_heads=8,
-               num_key_value_heads=4, head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
-               vocab_size=520, rope_scaling=LINEAR_X8,
-               layer_types=["sliding_attention", "full_attention"] * 3),
-    "12b": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=16,
-                num_key_value_heads=8, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
-                vocab_size=520, rope_scaling=LINEAR_X8),
+    "4b": dict(
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=32,
+        query_pre_attn_scalar=32,
+        sliding_window=8,
+        vocab_size=520,
+        rope_scaling=LINEAR_X8,
+        layer_types=["sliding_attention", "full_attention"] * 3,
+    ),
+    "12b": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=8,
+        vocab_size=520,
+        rope_scaling=LINEAR_X8,
+    ),
     # 27b: head_dim 128 with query_pre_attn_scalar 168 (score scale != head_dim**-0.5).
-    "27b": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=128, query_pre_attn_scalar=168, sliding_window=8,
-                vocab_size=520, rope_scaling=LINEAR_X8),
+    "27b": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=128,
+        query_pre_attn_scalar=168,
+        sliding_window=8,
+        vocab_size=520,
+        rope_scaling=LINEAR_X8,
+    ),
 }
 # Multimodal `gemma3` checkpoints: text decoder under `text_config`, weights either as
 # transformers 4.57 saves them (`model.language_model.*`) or as originally published
@@ -61,11 +104,22 @@ TINY_CONFIGS = (*TEXT_SHAPES, *MULTIMODAL)
 def make_config(name: str):
     if name in TEXT_SHAPES:
         return Gemma3TextConfig(**COMMON, **TEXT_SHAPES[name])
-    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                num_attention_heads=2, image_size=28, patch_size=14)
-    return Gemma3Config(text_config=dict(**COMMON, **TEXT_SHAPES["4b"]),
-                        vision_config=vision.to_dict(), mm_tokens_per_image=4,
-                        boi_token_index=510, eoi_token_index=511, image_token_index=509)
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    return Gemma3Config(
+        text_config=dict(**COMMON, **TEXT_SHAPES["4b"]),
+        vision_config=vision.to_dict(),
+        mm_tokens_per_image=4,
+        boi_token_index=510,
+        eoi_token_index=511,
+        image_token_index=509,
+    )
 
 
 def reference_class(config):

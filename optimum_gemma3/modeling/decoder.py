@@ -121,14 +121,15 @@ class Gemma3Decoder(nn.Module):
         self.sequence_length = sequence_length
         self.dtype = dtype
         self.window = {SLIDING: config.sliding_window, FULL: None}
-        self.cache_len = {SLIDING: min(config.sliding_window, sequence_length), FULL: sequence_length}
+        self.cache_len = {
+            SLIDING: min(config.sliding_window, sequence_length),
+            FULL: sequence_length,
+        }
 
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         # sqrt(hidden) held in fp32 and rounded to the weight dtype before the multiply,
         # as transformers does (bf16 1b: 34.0, not 33.94).
-        self.register_buffer(
-            "embed_scale", torch.tensor(config.hidden_size**0.5), persistent=False
-        )
+        self.register_buffer("embed_scale", torch.tensor(config.hidden_size**0.5), persistent=False)
         layers = []
         for layer_type in config.layer_types[: config.num_hidden_layers]:
             if layer_type not in LAYER_TYPES:
