@@ -22,21 +22,25 @@ def left_align(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Move each row's real tokens to the right end of a `length`-wide batch.
 
-    Accepts left-, right- or un-padded input; the graphs require left padding with
-    contiguous real tokens, which is what this returns.
+    Accepts left-, right- or un-padded input, wider or narrower than `length` as long as
+    every row's real tokens fit; the graphs require left padding with contiguous real
+    tokens, which is what this returns.
     """
-    batch, width = input_ids.shape
-    if length < width:
-        raise ValueError(f"Cannot fit prompts of width {width} into {length} positions.")
     attention_mask = attention_mask.to(torch.long)
     lengths = attention_mask.sum(-1)
-    # Stable sort puts padding (0) first and keeps real tokens in order.
+    if int(lengths.max()) > length:
+        raise ValueError(f"Cannot fit a prompt of {int(lengths.max())} tokens into {length}.")
+    # A stable sort puts padding (0) first and keeps the real tokens in order.
     order = torch.sort(attention_mask, dim=-1, stable=True).indices
     ids = torch.gather(input_ids, 1, order)
-    out_ids = torch.full((batch, length), pad_token_id, dtype=input_ids.dtype)
-    out_ids[:, length - width :] = ids
-    out_mask = (torch.arange(length) >= (length - lengths)[:, None]).to(torch.long)
-    return torch.where(out_mask.bool(), out_ids, pad_token_id), out_mask
+    width = ids.shape[1]
+    if width >= length:
+        ids = ids[:, width - length :]
+    else:
+        padding = torch.full((ids.shape[0], length - width), pad_token_id, dtype=ids.dtype)
+        ids = torch.cat([padding, ids], dim=1)
+    mask = (torch.arange(length) >= (length - lengths)[:, None]).to(torch.long)
+    return torch.where(mask.bool(), ids, pad_token_id), mask
 
 
 @dataclass

@@ -81,14 +81,27 @@ def load_decoder_state_dict(
     return state_dict
 
 
+def check_tensors(
+    tensors: dict[str, torch.Tensor], decoder: torch.nn.Module, source: str | os.PathLike
+) -> None:
+    """Refuse weights whose names, shapes or dtypes differ from the decoder's parameters."""
+    expected = {n: (tuple(p.shape), p.dtype) for n, p in decoder.named_parameters()}
+    found = {n: (tuple(t.shape), t.dtype) for n, t in tensors.items()}
+    if found != expected:
+        missing = sorted(set(expected) - set(found))
+        unexpected = sorted(set(found) - set(expected))
+        wrong = sorted(n for n in set(expected) & set(found) if expected[n] != found[n])
+        raise ValueError(
+            f"Weights in {source} do not match the Gemma-3 decoder built from its config: "
+            f"missing {missing[:8]}, unexpected {unexpected[:8]}, wrong shape or dtype "
+            f"{[(n, found[n], expected[n]) for n in wrong[:4]]}."
+        )
+
+
 def load_weights(decoder: torch.nn.Module, model_dir: str | os.PathLike) -> None:
     """Load a checkpoint into a `Gemma3Decoder`, failing on any missing or unexpected tensor."""
     state_dict = load_decoder_state_dict(
         model_dir, decoder.dtype, tied=decoder.config.tie_word_embeddings
     )
-    result = decoder.load_state_dict(state_dict, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"Checkpoint {model_dir} does not match the Gemma-3 decoder built from its config: "
-            f"missing {result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}."
-        )
+    check_tensors(state_dict, decoder, model_dir)
+    decoder.load_state_dict(state_dict)

@@ -127,9 +127,6 @@ class Gemma3Decoder(nn.Module):
         }
 
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        # sqrt(hidden) held in fp32 and rounded to the weight dtype before the multiply,
-        # as transformers does (bf16 1b: 34.0, not 33.94).
-        self.register_buffer("embed_scale", torch.tensor(config.hidden_size**0.5), persistent=False)
         layers = []
         for layer_type in config.layer_types[: config.num_hidden_layers]:
             if layer_type not in LAYER_TYPES:
@@ -149,12 +146,36 @@ class Gemma3Decoder(nn.Module):
             if config.tie_word_embeddings
             else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
-        self.rotary = nn.ModuleDict(
-            {kind: RotaryEmbedding(*rope_frequencies(config, kind)) for kind in LAYER_TYPES}
-        )
+        self.rotary = nn.ModuleDict({kind: RotaryEmbedding() for kind in LAYER_TYPES})
+        self.register_buffer("embed_scale", torch.empty(()), persistent=False)
+        self.init_constants()
         # Only parameters take the model dtype; embed_scale and inv_freq stay fp32.
         for param in self.parameters():
             param.data = param.data.to(dtype)
+
+    @classmethod
+    def skeleton(cls, config, batch_size: int, sequence_length: int, dtype: torch.dtype):
+        """A decoder with uninitialized weights and caches, built without initialization cost.
+
+        Enough to trace the graphs (their weights and caches are program inputs) and to
+        list cache shapes; the fixed fp32 tables are computed for real.
+        """
+        with torch.device("meta"):
+            decoder = cls(config, batch_size, sequence_length, dtype)
+        decoder.to_empty(device="cpu")
+        decoder.init_constants()
+        return decoder
+
+    def init_constants(self) -> None:
+        """Compute the fixed fp32 tables, on the CPU whatever the default device."""
+        with torch.device("cpu"):
+            # sqrt(hidden) held in fp32 and rounded to the weight dtype before the multiply,
+            # as transformers does (bf16 1b: 34.0, not 33.94).
+            self.embed_scale = torch.tensor(self.config.hidden_size**0.5)
+            for kind in LAYER_TYPES:
+                inv_freq, attention_scaling = rope_frequencies(self.config, kind)
+                self.rotary[kind].inv_freq = inv_freq
+                self.rotary[kind].attention_scaling = attention_scaling
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight

@@ -38,10 +38,11 @@ class RotaryEmbedding(nn.Module):
     keeps the graph small for 128k-position models and costs B*S*D/2 cosines per call.
     """
 
-    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float):
+    def __init__(self):
         super().__init__()
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.attention_scaling = attention_scaling
+        # Set by the owner (fp32 inverse frequencies and the cos/sin scale of the RoPE type).
+        self.register_buffer("inv_freq", torch.empty(0), persistent=False)
+        self.attention_scaling = 1.0
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         freqs = positions.float()[..., None] * self.inv_freq  # [B, S, D/2]

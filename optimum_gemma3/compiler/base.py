@@ -1,0 +1,35 @@
+"""The compiler backend interface: turn one graph program into a file, and load it back.
+
+A backend knows nothing about Gemma-3: it receives a `GraphProgram` (a pure function of
+weights, caches and inputs) with static example inputs, and must return, from `load`,
+a callable with the same signature. Adding a backend (e.g. `cuda`) is one new module.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+Program = Callable[..., torch.Tensor]
+
+
+class CompilerBackend(ABC):
+    name: str
+    # File name suffix of one compiled program (one per graph and bucket).
+    program_suffix: str
+
+    @abstractmethod
+    def versions(self) -> dict[str, str]:
+        """Versions of the compiler stack that a program depends on, recorded at export and
+        checked at load: a mismatch means the program may not load or may compute otherwise."""
+
+    @abstractmethod
+    def compile(self, program: torch.nn.Module, example_inputs: tuple, path: Path) -> None:
+        """Compile `program` for exactly the shapes of `example_inputs` and write it to `path`."""
+
+    @abstractmethod
+    def load(self, path: Path) -> Program:
+        """Load a compiled program; calling it runs it (caches are updated in place)."""

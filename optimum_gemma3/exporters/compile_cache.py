@@ -1,0 +1,95 @@
+"""A local content-addressed cache of compiled programs.
+
+Programs take weights as inputs, so a program depends only on the architecture, the
+export shapes and the compiler stack: exporting the same shape again (a fine-tune, a
+re-export) reuses it instead of recompiling for minutes.
+
+- Location: `$OPTIMUM_GEMMA3_CACHE_DIR`, else `~/.cache/optimum-gemma3/compiled`
+  (`$XDG_CACHE_HOME` respected).
+- Disable with `OPTIMUM_GEMMA3_DISABLE_COMPILE_CACHE=1`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# Config keys that do not change the compiled graph (provenance and generation defaults).
+NON_GRAPH_CONFIG_KEYS = {
+    "_name_or_path",
+    "architectures",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "use_cache",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "id2label",
+    "label2id",
+    "_attn_implementation",
+    "_attn_implementation_autoset",
+    "attn_implementation",
+}
+
+
+def cache_dir() -> Path | None:
+    """The cache folder, or None when caching is disabled."""
+    if os.environ.get("OPTIMUM_GEMMA3_DISABLE_COMPILE_CACHE", "").lower() in ("1", "true", "yes"):
+        return None
+    if "OPTIMUM_GEMMA3_CACHE_DIR" in os.environ:
+        return Path(os.environ["OPTIMUM_GEMMA3_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "optimum-gemma3" / "compiled"
+
+
+def program_key(text_config: dict, graph: dict, versions: dict) -> str:
+    """Content address of one program: what the graph computes and what compiled it."""
+    architecture = {k: v for k, v in text_config.items() if k not in NON_GRAPH_CONFIG_KEYS}
+    payload = json.dumps(
+        {"config": architecture, "graph": graph, "versions": versions},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def compile_cached(
+    key: str, suffix: str, destination: Path, compile_to: Callable[[Path], None]
+) -> bool:
+    """Put the program `key` at `destination`, compiling it only on a cache miss.
+
+    Returns True on a cache hit. Entries are written atomically (temporary file, then
+    rename), so an interrupted compile never leaves a truncated entry.
+    """
+    root = cache_dir()
+    if root is None:
+        compile_to(destination)
+        return False
+    entry = root / f"{key}{suffix}"
+    if entry.is_file():
+        logger.info("compile cache hit: %s", entry.name)
+        shutil.copyfile(entry, destination)
+        return True
+    compile_to(destination)
+    root.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=".tmp-", suffix=suffix)
+    os.close(fd)
+    try:
+        shutil.copyfile(destination, tmp)
+        os.replace(tmp, entry)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return False

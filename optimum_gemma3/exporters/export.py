@@ -1,0 +1,143 @@
+"""Checkpoint + export config -> a complete artifact folder.
+
+The one entry point is `export_to_folder`: resolve the checkpoint (local folder or Hub id),
+validate the export config against the model config, compile one program per prefill
+bucket plus the decode program (through the compile cache), write the weights in the
+export dtype, copy the tokenizer and generation config, and write `neuron_config.json`
+last. The caller decides where the folder goes; writes happen in a staging folder that
+is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from huggingface_hub import snapshot_download
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+from transformers import AutoConfig, GenerationConfig
+
+from ..compiler import backend_for_target
+from ..modeling import Gemma3Decoder, text_config
+from ..modeling.program import DECODE, PREFILL, GraphProgram, example_inputs
+from ..weights import check_tensors, load_decoder_state_dict
+from .artifacts import (
+    TOKENIZER_FILES,
+    WEIGHTS_NAME,
+    decode_program_name,
+    prefill_program_name,
+    sha256_file,
+    write_folder_atomically,
+)
+from .compile_cache import compile_cached, program_key
+from .neuron_config import Gemma3NeuronConfig
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
+
+
+def resolve_checkpoint(
+    model_id: str | Path, revision: str | None = None, token: str | bool | None = None
+) -> Path:
+    """A local folder as is; a Hub id through the HF cache (safetensors and configs only)."""
+    if Path(model_id).is_dir():
+        return Path(model_id)
+    return Path(
+        snapshot_download(
+            str(model_id), revision=revision, token=token, allow_patterns=CHECKPOINT_PATTERNS
+        )
+    )
+
+
+def export_to_folder(
+    model_id: str | Path,
+    neuron_config: Gemma3NeuronConfig,
+    destination: Path,
+    load_weights: bool = True,
+    revision: str | None = None,
+    token: str | bool | None = None,
+) -> Path:
+    """Export `model_id` into `destination` (replaced atomically if it exists)."""
+    checkpoint = resolve_checkpoint(model_id, revision, token)
+    config = AutoConfig.from_pretrained(checkpoint)
+    text = text_config(config)
+    neuron_config.checkpoint_id = str(model_id)
+    neuron_config.checkpoint_revision = revision
+    neuron_config.finalize(text)
+    backend = backend_for_target(neuron_config.target)
+    versions = backend.versions()
+    neuron_config.compiler = versions["compiler"]
+    neuron_config.compiler_version = versions["compiler_version"]
+
+    def fill(folder: Path) -> None:
+        config.save_pretrained(folder)
+        _copy_generation_files(checkpoint, folder)
+        neuron_config.artifact_checksums = _compile_programs(
+            text, neuron_config, backend, versions, folder
+        )
+        if load_weights:
+            _write_weights(checkpoint, text, neuron_config, folder)
+        neuron_config.save_pretrained(folder)
+
+    return write_folder_atomically(destination, fill)
+
+
+def _compile_programs(text, neuron_config, backend, versions, folder: Path) -> dict[str, str]:
+    """Compile (or fetch from the compile cache) every program; return their checksums."""
+    decoder = Gemma3Decoder.skeleton(
+        text, neuron_config.batch_size, neuron_config.sequence_length, neuron_config.torch_dtype
+    )
+    jobs = [
+        (PREFILL, b, prefill_program_name(b, backend.program_suffix))
+        for b in neuron_config.context_encoding_buckets
+    ]
+    jobs.append((DECODE, 1, decode_program_name(backend.program_suffix)))
+    (folder / jobs[0][2]).parent.mkdir(parents=True, exist_ok=True)
+    checksums = {}
+    shape = {
+        "batch_size": neuron_config.batch_size,
+        "sequence_length": neuron_config.sequence_length,
+        "dtype": neuron_config.dtype_name,
+        "tp_degree": neuron_config.tp_degree,
+        "target": neuron_config.target,
+    }
+    for kind, length, name in tqdm(jobs, desc="compile", unit="graph"):
+        key = program_key(text.to_dict(), {"kind": kind, "length": length, **shape}, versions)
+        program = GraphProgram(decoder, kind)
+        inputs = example_inputs(decoder, kind, length)
+        hit = compile_cached(
+            key,
+            backend.program_suffix,
+            folder / name,
+            lambda path, p=program, i=inputs: backend.compile(p, i, path),
+        )
+        logger.info("%s: %s", name, "from compile cache" if hit else "compiled")
+        checksums[name] = sha256_file(folder / name)
+    return checksums
+
+
+def _write_weights(checkpoint: Path, text, neuron_config, folder: Path) -> None:
+    """The decoder's tensors, renamed and cast, checked against the graph's expectations."""
+    state_dict = load_decoder_state_dict(
+        checkpoint, neuron_config.torch_dtype, tied=text.tie_word_embeddings
+    )
+    skeleton = Gemma3Decoder.skeleton(text, 1, 1, neuron_config.torch_dtype)
+    check_tensors(state_dict, skeleton, checkpoint)
+    save_file(
+        {k: v.contiguous() for k, v in state_dict.items()},
+        folder / WEIGHTS_NAME,
+        metadata={"format": "pt"},
+    )
+
+
+def _copy_generation_files(checkpoint: Path, folder: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (checkpoint / name).is_file():
+            shutil.copyfile(checkpoint / name, folder / name)
+    try:
+        GenerationConfig.from_pretrained(checkpoint).save_pretrained(folder)
+    except OSError:
+        logger.info("%s has no generation_config.json", checkpoint)

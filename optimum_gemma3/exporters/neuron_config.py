@@ -1,0 +1,187 @@
+"""The export config (`neuron_config.json`): shapes, buckets, dtype, target and provenance.
+
+It extends optimum-neuron's `NxDNeuronConfig`, so field names (`batch_size`,
+`sequence_length`, `max_context_length`, `tp_degree`, `torch_dtype`, `target`,
+`on_device_sampling`, `checkpoint_id`, `checkpoint_revision`) mean what they mean there,
+and optimum-neuron's serialization and version checks apply. Added here: the prefill
+buckets (`context_encoding_buckets`, NxD-inference's name) and the versions of this
+library, torch and the compiler that built the artifact.
+"""
+
+from __future__ import annotations
+
+import torch
+from optimum.neuron.configuration_utils import register_neuron_config
+from optimum.neuron.models.inference.backend.config import NxDNeuronConfig
+from optimum.neuron.utils.version_utils import get_neuronxcc_version
+from optimum.neuron.version import __version__ as optimum_neuron_version
+
+from .. import __version__
+from ..compiler import NEURON_TARGETS, TARGETS
+
+SUPPORTED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "float": "float32"}
+SMALLEST_BUCKET = 128
+# neuronx-cc has crashed on head_dim 256 prefill graphs shorter than 512 tokens.
+SMALLEST_NEURON_BUCKET_HEAD_DIM_256 = 512
+
+
+def dtype_name(dtype: str | torch.dtype) -> str:
+    """Normalize a torch dtype or its name (`bf16`, `bfloat16`, `torch.bfloat16`) to a name."""
+    name = str(dtype).removeprefix("torch.")
+    name = DTYPE_ALIASES.get(name, name)
+    if name not in SUPPORTED_DTYPES:
+        hint = (
+            " Gemma-3 activations overflow float16; use bfloat16."
+            if name in ("float16", "fp16", "half")
+            else ""
+        )
+        raise ValueError(
+            f"Unsupported torch_dtype {dtype!r}: expected one of "
+            f"{', '.join(SUPPORTED_DTYPES)}.{hint}"
+        )
+    return name
+
+
+def default_buckets(max_context_length: int, smallest: int = SMALLEST_BUCKET) -> list[int]:
+    """Powers of two from `smallest` up to (and ending with) `max_context_length`.
+
+    A prompt runs in the smallest bucket that holds it, so prefill work stays within 2x
+    of the prompt length while the number of compiled programs grows only logarithmically.
+    """
+    buckets, size = [], min(smallest, max_context_length)
+    while size < max_context_length:
+        buckets.append(size)
+        size *= 2
+    return buckets + [max_context_length]
+
+
+@register_neuron_config
+class Gemma3NeuronConfig(NxDNeuronConfig):
+    """Export config of a compiled Gemma-3 text decoder."""
+
+    def __init__(
+        self,
+        context_encoding_buckets: list[int] | None = None,
+        optimum_gemma3_version: str | None = None,
+        torch_version: str | None = None,
+        compiler: str | None = None,
+        compiler_version: str | None = None,
+        artifact_checksums: dict[str, str] | None = None,
+        **kwargs,
+    ):
+        kwargs.setdefault("torch_dtype", torch.float32)
+        kwargs.setdefault("target", "cpu")
+        super().__init__(**kwargs)
+        self.torch_dtype = SUPPORTED_DTYPES[dtype_name(self.torch_dtype)]
+        self.context_encoding_buckets = context_encoding_buckets
+        self.optimum_gemma3_version = optimum_gemma3_version or __version__
+        self.torch_version = torch_version or torch.__version__
+        self.compiler = compiler
+        self.compiler_version = compiler_version
+        # sha256 of every compiled program, keyed by its path in the artifact folder.
+        self.artifact_checksums = artifact_checksums or {}
+
+    @property
+    def dtype_name(self) -> str:
+        return dtype_name(self.torch_dtype)
+
+    def to_dict(self) -> dict:
+        """Serialize like optimum-neuron's `NeuronConfig.to_dict`, also on hosts without the SDK
+        (where the base class fails to read the neuronx-cc version)."""
+        output = {name: _plain(value) for name, value in vars(self).items()}
+        output["_serialized_key"] = type(self).__name__
+        output["optimum_neuron_version"] = optimum_neuron_version
+        output["neuronxcc_version"] = _neuronxcc_version()
+        return output
+
+    @classmethod
+    def from_dict(cls, config_dict: dict) -> Gemma3NeuronConfig:
+        """Deserialize, refusing a file from another optimum-neuron or neuronx-cc version."""
+        config_dict = dict(config_dict)
+        for key, current in (
+            ("optimum_neuron_version", optimum_neuron_version),
+            ("neuronxcc_version", _neuronxcc_version()),
+        ):
+            recorded = config_dict.pop(key, "missing")
+            if recorded != current:
+                raise ValueError(
+                    f"{key}={recorded!r} in the export config, but this host has {current!r}."
+                )
+        serialized_key = config_dict.pop("_serialized_key", None)
+        if serialized_key != cls.__name__:
+            raise ValueError(f"_serialized_key={serialized_key!r}, expected {cls.__name__!r}.")
+        return cls(**config_dict)
+
+    def finalize(self, text_config) -> Gemma3NeuronConfig:
+        """Fill automatic defaults from the model config, then validate. Returns self."""
+        if self.context_encoding_buckets is None and _positive(self.max_context_length):
+            smallest = SMALLEST_BUCKET
+            if self.target in NEURON_TARGETS and text_config.head_dim > 128:
+                smallest = SMALLEST_NEURON_BUCKET_HEAD_DIM_256
+            self.context_encoding_buckets = default_buckets(self.max_context_length, smallest)
+        self.validate(text_config)
+        return self
+
+    def validate(self, text_config) -> None:
+        """Refuse values the graphs cannot honour, naming the field and the allowed range."""
+        for field in ("batch_size", "sequence_length", "max_context_length", "tp_degree"):
+            if not _positive(getattr(self, field)):
+                raise ValueError(
+                    f"{field} must be a positive integer, got {getattr(self, field)!r}."
+                )
+        limit = text_config.max_position_embeddings
+        if self.sequence_length > limit:
+            raise ValueError(
+                f"sequence_length={self.sequence_length} exceeds the model's "
+                f"max_position_embeddings={limit}: choose 1..{limit}."
+            )
+        if self.max_context_length > self.sequence_length:
+            raise ValueError(
+                f"max_context_length={self.max_context_length} must be <= "
+                f"sequence_length={self.sequence_length}."
+            )
+        if self.target not in TARGETS:
+            raise ValueError(
+                f"Unknown target {self.target!r}: expected one of {', '.join(TARGETS)}."
+            )
+        if self.tp_degree != 1:
+            raise ValueError(
+                f"tp_degree={self.tp_degree} is not supported yet: only 1 (tensor parallelism "
+                "is planned)."
+            )
+        buckets = self.context_encoding_buckets
+        if not buckets or any(not _positive(b) for b in buckets) or buckets != sorted(set(buckets)):
+            raise ValueError(
+                f"context_encoding_buckets={buckets!r} must be a non-empty, strictly increasing "
+                "list of positive prompt lengths."
+            )
+        if buckets[-1] > self.max_context_length:
+            raise ValueError(
+                f"context_encoding_buckets={buckets} do not fit: the largest must be <= "
+                f"max_context_length={self.max_context_length}."
+            )
+        if self.on_device_sampling:
+            raise ValueError("on_device_sampling=True is not supported yet: use False.")
+
+
+def _neuronxcc_version() -> str | None:
+    try:
+        return get_neuronxcc_version()
+    except ModuleNotFoundError:
+        return None
+
+
+def _plain(value):
+    """JSON-ready form of a config value (dtypes by name, tuples as lists)."""
+    if isinstance(value, torch.dtype):
+        return dtype_name(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def _positive(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0

@@ -1,0 +1,63 @@
+"""The decoder's graphs as pure functions of `(weights, caches, *inputs)`: what backends compile.
+
+Weights and caches are program inputs, not constants, so
+- one compiled program serves every checkpoint of the same shape (fine-tunes included)
+  and the artifact stores weights once, in safetensors, beside the programs;
+- the prefill and decode programs share one set of cache tensors owned by the runtime,
+  which both update in place.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .decoder import DecodeGraph, Gemma3Decoder, PrefillGraph
+
+PREFILL = "prefill"
+DECODE = "decode"
+
+
+class GraphProgram(nn.Module):
+    """`PrefillGraph` or `DecodeGraph` with its weights and caches passed in as dicts."""
+
+    def __init__(self, decoder: Gemma3Decoder, kind: str):
+        super().__init__()
+        graph = PrefillGraph(decoder) if kind == PREFILL else DecodeGraph(decoder)
+        # Held outside the module tree: the decoder's own tensors must not be captured as
+        # program constants. Only its fixed fp32 tables (RoPE, embed scale) are.
+        self._graph = (graph,)
+        self.kind = kind
+
+    def forward(
+        self,
+        weights: dict[str, torch.Tensor],
+        caches: dict[str, torch.Tensor],
+        input_ids: torch.Tensor,
+        positions_or_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        state = {f"decoder.{name}": tensor for name, tensor in {**weights, **caches}.items()}
+        return functional_call(self._graph[0], state, (input_ids, positions_or_mask))
+
+
+def cache_tensors(decoder: Gemma3Decoder) -> dict[str, torch.Tensor]:
+    """The decoder's KV cache buffers by name (the `caches` input of every program)."""
+    return {name: buf for name, buf in decoder.named_buffers() if ".cache." in name}
+
+
+def weight_tensors(decoder: Gemma3Decoder) -> dict[str, torch.Tensor]:
+    """The decoder's parameters by state-dict name (the `weights` input of every program)."""
+    return dict(decoder.named_parameters())
+
+
+def example_inputs(decoder: Gemma3Decoder, kind: str, prompt_length: int | None = None) -> tuple:
+    """Static-shape example inputs for tracing one program (a prefill bucket or decode)."""
+    batch = decoder.batch_size
+    if kind == PREFILL:
+        ids = torch.zeros(batch, prompt_length, dtype=torch.long)
+        extra = torch.ones_like(ids)
+    else:
+        ids = torch.zeros(batch, 1, dtype=torch.long)
+        extra = torch.zeros(batch, dtype=torch.long)
+    return weight_tensors(decoder), cache_tensors(decoder), ids, extra
