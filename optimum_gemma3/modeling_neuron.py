@@ -143,6 +143,7 @@ class Gemma3NeuronModelForCausalLM:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         longest = int(attention_mask.sum(-1).max())
+        self.runtime.bucket_for(longest)  # refuses a prompt longer than any bucket
         room = self.runtime.sequence_length - longest
         if max_new_tokens > room:
             logger.warning(

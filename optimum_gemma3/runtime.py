@@ -33,7 +33,7 @@ from .exporters.artifacts import (
 from .exporters.neuron_config import Gemma3NeuronConfig
 from .generation import left_align
 from .modeling import Gemma3Decoder, text_config
-from .modeling.program import cache_tensors
+from .modeling.program import cache_tensors, canonical
 from .weights import check_tensors, load_decoder_state_dict
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class Gemma3Runtime:
         check_versions(nc, backend.versions(), folder)
 
         def program(name: str):
-            return backend.load(verify_file(folder, name, nc.artifact_checksums.get(name)))
+            return backend.load(verify_file(folder, name, nc.artifact_files.get(name)))
 
         suffix = backend.program_suffix
         self.buckets = list(nc.context_encoding_buckets)
@@ -90,14 +90,14 @@ class Gemma3Runtime:
         self.decode_program = program(decode_program_name(suffix))
 
         skeleton = Gemma3Decoder.skeleton(text, nc.batch_size, nc.sequence_length, nc.torch_dtype)
-        self.weights = self._load_weights(folder, skeleton, token)
+        self.weights = canonical(self._load_weights(folder, skeleton, token))
         self.caches = {name: torch.zeros_like(t) for name, t in cache_tensors(skeleton).items()}
         self.pad_token_id = self.config.get_text_config().pad_token_id or 0
 
     def _load_weights(self, folder: Path, skeleton, token) -> dict[str, torch.Tensor]:
         nc = self.neuron_config
-        if (folder / WEIGHTS_NAME).is_file():
-            path = folder / WEIGHTS_NAME
+        if WEIGHTS_NAME in nc.artifact_files:
+            path = verify_file(folder, WEIGHTS_NAME)
             try:
                 weights = load_file(path)
             except (SafetensorError, OSError) as error:

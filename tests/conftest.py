@@ -7,15 +7,22 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Compiled programs are reused across test runs (keys include every version involved);
+# tests that need a cold cache point this elsewhere.
+os.environ.setdefault(
+    "OPTIMUM_GEMMA3_CACHE_DIR",
+    os.path.join(os.path.expanduser("~"), ".cache", "optimum-gemma3", "test-compile-cache"),
+)
 
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tests.tiny_models import TINY_CONFIGS, save_random_checkpoint  # noqa: E402
+from tests.tiny_models import save_random_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+pytest_plugins = ["tests.hub_server"]  # the `local_hub` fixture (loopback Hub server)
 
 
 def pytest_configure(config):
@@ -44,6 +51,3 @@ def real_270m() -> Path:
     from scripts.prepare_270m import ensure_checkpoint
 
     return ensure_checkpoint()
-
-
-__all__ = ["TINY_CONFIGS"]

@@ -34,9 +34,7 @@ from huggingface_hub.errors import (
 if TYPE_CHECKING:
     from tests.hub_server import LocalHub
 
-# Registers tests/hub_server.py as a plugin: that is what provides the `local_hub` fixture.
-pytest_plugins = ["tests.hub_server"]
-
+# The `local_hub` fixture comes from tests/hub_server.py, registered in tests/conftest.py.
 CONFIG = {"model_type": "gemma3_text", "hidden_size": 8}
 WEIGHTS = os.urandom(5 * 1024 * 1024)  # 5 MB *.safetensors: the real Hub would route it to LFS
 

@@ -21,7 +21,7 @@ from transformers import AutoConfig, GenerationConfig
 
 from ..compiler import backend_for_target
 from ..modeling import Gemma3Decoder, text_config
-from ..modeling.program import DECODE, PREFILL, GraphProgram, example_inputs
+from ..modeling.program import DECODE, PREFILL, PROGRAM_FORMAT, GraphProgram, example_inputs
 from ..weights import check_tensors, load_decoder_state_dict
 from .artifacts import (
     TOKENIZER_FILES,
@@ -75,11 +75,12 @@ def export_to_folder(
     def fill(folder: Path) -> None:
         config.save_pretrained(folder)
         _copy_generation_files(checkpoint, folder)
-        neuron_config.artifact_checksums = _compile_programs(
+        neuron_config.artifact_files = _compile_programs(
             text, neuron_config, backend, versions, folder
         )
         if load_weights:
             _write_weights(checkpoint, text, neuron_config, folder)
+            neuron_config.artifact_files[WEIGHTS_NAME] = None
         neuron_config.save_pretrained(folder)
 
     return write_folder_atomically(destination, fill)
@@ -103,6 +104,7 @@ def _compile_programs(text, neuron_config, backend, versions, folder: Path) -> d
         "dtype": neuron_config.dtype_name,
         "tp_degree": neuron_config.tp_degree,
         "target": neuron_config.target,
+        "program_format": PROGRAM_FORMAT,
     }
     for kind, length, name in tqdm(jobs, desc="compile", unit="graph"):
         key = program_key(text.to_dict(), {"kind": kind, "length": length, **shape}, versions)

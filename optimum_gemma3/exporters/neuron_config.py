@@ -37,7 +37,7 @@ def dtype_name(dtype: str | torch.dtype) -> str:
             else ""
         )
         raise ValueError(
-            f"Unsupported torch_dtype {dtype!r}: expected one of "
+            f"Unsupported torch_dtype {name!r}: expected one of "
             f"{', '.join(SUPPORTED_DTYPES)}.{hint}"
         )
     return name
@@ -67,7 +67,7 @@ class Gemma3NeuronConfig(NxDNeuronConfig):
         torch_version: str | None = None,
         compiler: str | None = None,
         compiler_version: str | None = None,
-        artifact_checksums: dict[str, str] | None = None,
+        artifact_files: dict[str, str | None] | None = None,
         **kwargs,
     ):
         kwargs.setdefault("torch_dtype", torch.float32)
@@ -79,8 +79,9 @@ class Gemma3NeuronConfig(NxDNeuronConfig):
         self.torch_version = torch_version or torch.__version__
         self.compiler = compiler
         self.compiler_version = compiler_version
-        # sha256 of every compiled program, keyed by its path in the artifact folder.
-        self.artifact_checksums = artifact_checksums or {}
+        # Every file the runtime needs, by path in the folder: the sha256 of each program,
+        # None for the weights (too large to hash on every load; safetensors checks them).
+        self.artifact_files = artifact_files or {}
 
     @property
     def dtype_name(self) -> str:

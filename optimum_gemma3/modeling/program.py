@@ -17,6 +17,8 @@ from .decoder import DecodeGraph, Gemma3Decoder, PrefillGraph
 
 PREFILL = "prefill"
 DECODE = "decode"
+# Bumped whenever the program signature or input layout changes: part of compile-cache keys.
+PROGRAM_FORMAT = 2
 
 
 class GraphProgram(nn.Module):
@@ -41,14 +43,24 @@ class GraphProgram(nn.Module):
         return functional_call(self._graph[0], state, (input_ids, positions_or_mask))
 
 
+def canonical(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The dict sorted by name: the order every program receives its weights and caches in.
+
+    A compiled program flattens its dict inputs by position, so a caller must pass the
+    same key order as at export; sorting on both sides makes that order independent of
+    where the tensors come from (module order at export, file order at load).
+    """
+    return dict(sorted(tensors.items()))
+
+
 def cache_tensors(decoder: Gemma3Decoder) -> dict[str, torch.Tensor]:
     """The decoder's KV cache buffers by name (the `caches` input of every program)."""
-    return {name: buf for name, buf in decoder.named_buffers() if ".cache." in name}
+    return canonical({name: buf for name, buf in decoder.named_buffers() if ".cache." in name})
 
 
 def weight_tensors(decoder: Gemma3Decoder) -> dict[str, torch.Tensor]:
     """The decoder's parameters by state-dict name (the `weights` input of every program)."""
-    return dict(decoder.named_parameters())
+    return canonical(dict(decoder.named_parameters()))
 
 
 def example_inputs(decoder: Gemma3Decoder, kind: str, prompt_length: int | None = None) -> tuple:
