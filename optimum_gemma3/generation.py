@@ -1,9 +1,9 @@
 """Host-side token loop around the prefill and decode graphs.
 
 The graphs only see static shapes; this module turns a user batch into them (left
-alignment, bucket padding) and runs greedy decoding with transformers' conventions:
-rows that produced an EOS token continue with `pad_token_id`, and the loop stops when
-every row has finished.
+alignment, bucket padding) and runs transformers' token loop over them: logits
+processors, greedy or multinomial selection, EOS rows continuing with `pad_token_id`,
+stopping criteria and streamers.
 """
 
 from __future__ import annotations
@@ -46,7 +46,71 @@ def left_align(
 @dataclass
 class GenerationOutput:
     sequences: torch.Tensor  # [B, prompt + generated]: prompt as given, then new tokens
-    logits: torch.Tensor  # [B, generated, V]: the logits each new token was chosen from
+    logits: torch.Tensor  # [B, generated, V]: raw fp32 logits each new token was chosen from
+
+
+def decode_loop(
+    prefill: PrefillFn,
+    decode: DecodeFn,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    pad_token_id: int = 0,
+    eos_token_id: int | Sequence[int] | None = None,
+    logits_processor: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    stopping_criteria: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    do_sample: bool = False,
+    streamer=None,
+    prompt_length: int | None = None,
+    forced_tokens: torch.Tensor | None = None,
+) -> GenerationOutput:
+    """transformers' sampling/greedy loop (`GenerationMixin._sample`) over the two graphs.
+
+    Per step: fp32 logits -> `logits_processor(ids, scores)` -> argmax (lowest id on ties)
+    or `multinomial(softmax(scores))` with torch's global RNG, exactly as transformers
+    draws; finished rows continue with `pad_token_id`; `stopping_criteria(ids, scores)`
+    marks rows done (EOS, max length, stop strings); the loop ends when all are done.
+    `prompt_length` pads prompts on the left to a prefill bucket; `forced_tokens` ([B, N])
+    teacher-forces the continuation (the logits stay the model's).
+    """
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
+    ids, mask = left_align(
+        input_ids, attention_mask, pad_token_id, prompt_length or input_ids.shape[1]
+    )
+    positions = mask.sum(-1)
+    sequences = input_ids
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    all_logits = []
+    logits = prefill(ids, mask)
+    for step in range(max_new_tokens):
+        logits = logits.float()
+        all_logits.append(logits)
+        scores = logits if logits_processor is None else logits_processor(sequences, logits)
+        if forced_tokens is not None:
+            token = forced_tokens[:, step]
+        elif do_sample:
+            token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            token = scores.argmax(-1)
+        token = torch.where(unfinished, token, pad_token_id)
+        sequences = torch.cat([sequences, token[:, None]], dim=1)
+        if streamer is not None:
+            streamer.put(token.cpu())
+        unfinished &= ~torch.isin(token, eos)
+        if stopping_criteria is not None:
+            unfinished &= ~stopping_criteria(sequences, scores)
+        if not unfinished.any() or step == max_new_tokens - 1:
+            break
+        logits = decode(token[:, None], positions)
+        positions = positions + 1
+    if streamer is not None:
+        streamer.end()
+    return GenerationOutput(
+        sequences=sequences,
+        logits=torch.stack(all_logits, dim=1) if all_logits else torch.empty(0),
+    )
 
 
 def greedy_generate(
@@ -60,32 +124,15 @@ def greedy_generate(
     prompt_length: int | None = None,
     forced_tokens: torch.Tensor | None = None,
 ) -> GenerationOutput:
-    """Greedy decoding (argmax, lowest id on ties) over the two graphs.
-
-    `prompt_length` pads prompts on the left to a prefill bucket. `forced_tokens`
-    ([B, N]) teacher-forces the continuation (the logits are still those of the model),
-    which lets a bf16 comparison follow the reference tokens past an early tie.
-    """
-    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
-    ids, mask = left_align(
-        input_ids, attention_mask, pad_token_id, prompt_length or input_ids.shape[1]
-    )
-    positions = mask.sum(-1)
-    logits = prefill(ids, mask)
-    finished = torch.zeros(ids.shape[0], dtype=torch.bool)
-    new_tokens, all_logits = [], []
-    for step in range(max_new_tokens):
-        all_logits.append(logits.float())
-        token = logits.argmax(-1) if forced_tokens is None else forced_tokens[:, step]
-        token = torch.where(finished, pad_token_id, token)
-        new_tokens.append(token)
-        finished |= torch.isin(token, eos)
-        if finished.all() or step == max_new_tokens - 1:
-            break
-        logits = decode(token[:, None], positions)
-        positions = positions + 1
-    generated = torch.stack(new_tokens, dim=1) if new_tokens else input_ids[:, :0]
-    return GenerationOutput(
-        sequences=torch.cat([input_ids, generated], dim=1),
-        logits=torch.stack(all_logits, dim=1) if all_logits else torch.empty(0),
+    """Greedy decoding with EOS handling only: the reference path of tests and scripts."""
+    return decode_loop(
+        prefill,
+        decode,
+        input_ids,
+        attention_mask,
+        max_new_tokens,
+        pad_token_id,
+        eos_token_id,
+        prompt_length=prompt_length,
+        forced_tokens=forced_tokens,
     )

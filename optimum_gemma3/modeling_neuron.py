@@ -1,12 +1,15 @@
-"""The user-facing compiled Gemma-3: export, save, load, generate.
+"""The user-facing compiled Gemma-3: export, save, load, push, generate.
 
-Mirrors the class-method surface of optimum-neuron's `NeuronModelForCausalLM`
-(`get_neuron_config`, `export`, `from_pretrained`, `save_pretrained`, `generate`) so code
-written for optimum-neuron models works unchanged.
+`Gemma3NeuronModelForCausalLM` is an optimum-neuron `NeuronModelForCausalLM` (inference),
+so code written for optimum-neuron models works unchanged, and transformers' pipelines
+accept it. `generate()` follows transformers' semantics by using transformers' own
+generation config handling, logits processors and stopping criteria around the compiled
+prefill and decode programs.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import tempfile
@@ -14,20 +17,24 @@ import weakref
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, GenerationConfig
+from huggingface_hub import snapshot_download
+from optimum.neuron.models.inference.modeling_utils import NeuronModelForCausalLM
+from transformers import AutoConfig, GenerationConfig, GenerationMixin
+from transformers.generation import LogitsProcessorList, StoppingCriteriaList
 
 from .compiler import TARGETS
 from .compiler.neuron import missing_sdk_packages
 from .exporters.artifacts import copy_tree_files, write_folder_atomically
 from .exporters.export import export_to_folder, resolve_checkpoint
 from .exporters.neuron_config import Gemma3NeuronConfig
-from .generation import greedy_generate
+from .generation import decode_loop
 from .modeling import text_config
 from .runtime import Gemma3Runtime
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SEQUENCE_LENGTH = 4096
+AUTO_CAST_TYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 
 
 def target_for_instance_type(instance_type: str | None) -> str:
@@ -37,6 +44,8 @@ def target_for_instance_type(instance_type: str | None) -> str:
             logger.info("No Neuron SDK on this host: exporting for instance_type='cpu'.")
             return "cpu"
         return "trn1"
+    if instance_type == "trn1n":
+        return "trn1"
     if instance_type not in TARGETS:
         raise ValueError(
             f"Unknown instance_type {instance_type!r}: expected one of {', '.join(TARGETS)}."
@@ -44,8 +53,14 @@ def target_for_instance_type(instance_type: str | None) -> str:
     return instance_type
 
 
-class Gemma3NeuronModelForCausalLM:
-    """A compiled Gemma-3 text decoder backed by an artifact folder."""
+class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
+    """A compiled Gemma-3 text decoder backed by an artifact folder.
+
+    `GenerationMixin` provides transformers' generation helpers (config preparation,
+    logits processors, stopping criteria); `generate` itself is ours.
+    """
+
+    main_input_name = "input_ids"
 
     def __init__(self, runtime: Gemma3Runtime):
         self.runtime = runtime
@@ -61,29 +76,33 @@ class Gemma3NeuronModelForCausalLM:
     @classmethod
     def get_neuron_config(
         cls,
-        model_id: str | Path,
-        batch_size: int = 1,
-        sequence_length: int | None = None,
-        tensor_parallel_size: int = 1,
+        model_name_or_path: str | Path,
+        config=None,
+        token: str | bool | None = None,
+        revision: str | None = None,
         instance_type: str | None = None,
-        torch_dtype: str | torch.dtype = torch.float32,
+        batch_size: int | None = None,
+        sequence_length: int | None = None,
+        tensor_parallel_size: int | None = None,
+        torch_dtype: str | torch.dtype | None = None,
         max_context_length: int | None = None,
         context_encoding_buckets: list[int] | None = None,
-        revision: str | None = None,
-        token: str | bool | None = None,
     ) -> Gemma3NeuronConfig:
-        """A validated export config for `model_id`, with automatic bucket defaults."""
-        config = AutoConfig.from_pretrained(resolve_checkpoint(model_id, revision, token))
+        """A validated export config for `model_name_or_path`, with automatic defaults."""
+        if config is None:
+            checkpoint = resolve_checkpoint(model_name_or_path, revision, token)
+            config = AutoConfig.from_pretrained(checkpoint)
         text = text_config(config)
         if sequence_length is None:
             sequence_length = min(text.max_position_embeddings, DEFAULT_SEQUENCE_LENGTH)
+        torch_dtype = AUTO_CAST_TYPES.get(str(torch_dtype), torch_dtype) or torch.float32
         neuron_config = Gemma3NeuronConfig(
-            checkpoint_id=str(model_id),
+            checkpoint_id=str(model_name_or_path),
             checkpoint_revision=revision,
-            batch_size=batch_size,
+            batch_size=1 if batch_size is None else batch_size,
             sequence_length=sequence_length,
             max_context_length=max_context_length,
-            tp_degree=tensor_parallel_size,
+            tp_degree=1 if tensor_parallel_size is None else tensor_parallel_size,
             torch_dtype=torch_dtype,
             target=target_for_instance_type(instance_type),
             context_encoding_buckets=context_encoding_buckets,
@@ -91,13 +110,36 @@ class Gemma3NeuronModelForCausalLM:
         return neuron_config.finalize(text)
 
     @classmethod
+    def _get_neuron_config(
+        cls,
+        checkpoint_id,
+        checkpoint_revision,
+        instance_type,
+        batch_size,
+        sequence_length,
+        tensor_parallel_size,
+        dtype,
+    ):
+        return cls.get_neuron_config(
+            checkpoint_id,
+            revision=checkpoint_revision,
+            instance_type=instance_type,
+            batch_size=batch_size,
+            sequence_length=sequence_length,
+            tensor_parallel_size=tensor_parallel_size,
+            torch_dtype=dtype,
+        )
+
+    @classmethod
     def export(
         cls,
         model_id: str | Path,
         neuron_config: Gemma3NeuronConfig,
-        load_weights: bool = True,
-        revision: str | None = None,
+        config=None,
         token: str | bool | None = None,
+        revision: str | None = None,
+        load_weights: bool = True,
+        **kwargs,
     ) -> Gemma3NeuronModelForCausalLM:
         """Compile `model_id` and return the ready model (its folder is temporary until
         `save_pretrained`)."""
@@ -113,16 +155,70 @@ class Gemma3NeuronModelForCausalLM:
         weakref.finalize(model, shutil.rmtree, workdir, ignore_errors=True)
         return model
 
-    # -- folders ----------------------------------------------------------------------
+    @classmethod
+    def _export(
+        cls, model_id, config, neuron_config, token=None, revision=None, load_weights=True, **kwargs
+    ):
+        """optimum-neuron's auto-class entry point (`NeuronModelForCausalLM.export`)."""
+        return cls.export(
+            model_id, neuron_config, token=token, revision=revision, load_weights=load_weights
+        )
+
+    # -- folders and the Hub ------------------------------------------------------------
 
     @classmethod
     def from_pretrained(
-        cls, model_id: str | Path, token: str | bool | None = None
+        cls,
+        model_id: str | Path,
+        export: bool = False,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        **kwargs,
     ) -> Gemma3NeuronModelForCausalLM:
-        """Load a compiled folder without recompiling."""
-        return cls(Gemma3Runtime(model_id, token=token))
+        """Load a compiled folder or Hub repo without recompiling, or export a checkpoint.
 
-    def save_pretrained(self, save_directory: str | Path) -> Path:
+        With `export=True`, the remaining keyword arguments are export options:
+        `batch_size`, `sequence_length`, `tensor_parallel_size` (alias `num_cores`),
+        `torch_dtype` (alias `auto_cast_type`: `bf16`, `fp16`, `fp32`), `instance_type`,
+        `max_context_length`, `context_encoding_buckets`, `load_weights`.
+        """
+        if export:
+            return cls._export_from_kwargs(model_id, token=token, revision=revision, **kwargs)
+        if kwargs:
+            raise TypeError(
+                f"Unexpected arguments {sorted(kwargs)} for loading a compiled model; pass "
+                "export=True to compile a checkpoint with them."
+            )
+        folder = Path(model_id)
+        if not folder.is_dir():
+            folder = Path(snapshot_download(str(model_id), revision=revision, token=token))
+        return cls(Gemma3Runtime(folder, token=token))
+
+    @classmethod
+    def _from_pretrained(cls, model_id, config, **kwargs):
+        return cls.from_pretrained(model_id, **kwargs)
+
+    @classmethod
+    def _export_from_kwargs(
+        cls,
+        model_id,
+        token=None,
+        revision=None,
+        load_weights=True,
+        num_cores=None,
+        auto_cast_type=None,
+        **kwargs,
+    ):
+        if num_cores is not None:
+            kwargs.setdefault("tensor_parallel_size", num_cores)
+        if auto_cast_type is not None:
+            kwargs.setdefault("torch_dtype", auto_cast_type)
+        neuron_config = cls.get_neuron_config(model_id, token=token, revision=revision, **kwargs)
+        return cls.export(
+            model_id, neuron_config, token=token, revision=revision, load_weights=load_weights
+        )
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> Path:
         """Write the artifact folder to `save_directory`, atomically (replaced whole)."""
         source = self.runtime.folder.resolve()
         if Path(save_directory).resolve() == source:
@@ -131,38 +227,104 @@ class Gemma3NeuronModelForCausalLM:
             Path(save_directory), lambda staging: copy_tree_files(source, staging)
         )
 
+    def _save_pretrained(self, save_directory: str, **kwargs):
+        self.save_pretrained(save_directory)
+
+    def push_to_hub(
+        self, save_directory, repository_id, private=None, revision=None, token=True, endpoint=None
+    ) -> str:
+        raise NotImplementedError
+
     # -- generation -------------------------------------------------------------------
+
+    def can_generate(self) -> bool:
+        return True
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
 
     def generate(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        max_new_tokens: int = 20,
-    ) -> torch.Tensor:
-        """Greedy generation: prompt ids followed by new ids, as transformers returns them."""
+        generation_config: GenerationConfig | None = None,
+        logits_processor: LogitsProcessorList | None = None,
+        stopping_criteria: StoppingCriteriaList | None = None,
+        streamer=None,
+        tokenizer=None,
+        **kwargs,
+    ) -> torch.LongTensor:
+        """transformers' `generate()` for greedy search and sampling on the compiled model.
+
+        `generation_config` defaults to the model's (eos `[1, 106]` for Gemma-3); keyword
+        arguments override its fields (`max_new_tokens`, `max_length`, `min_new_tokens`,
+        `do_sample`, `temperature`, `top_k`, `top_p`, `stop_strings`, ...). A length beyond
+        the compiled `sequence_length` is clamped with a warning. `tokenizer` is needed for
+        `stop_strings`, as in transformers.
+        """
+        generation_config = copy.deepcopy(generation_config or self.generation_config)
+        unused = generation_config.update(**kwargs)
+        unused.pop("pad_token_id", None)
+        if unused:
+            raise ValueError(f"Unsupported generate() arguments: {sorted(unused)}.")
+        if generation_config.num_beams != 1 or generation_config.num_return_sequences != 1:
+            raise ValueError(
+                "Only greedy search and sampling are supported (num_beams=1, "
+                "num_return_sequences=1)."
+            )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        longest = int(attention_mask.sum(-1).max())
-        self.runtime.bucket_for(longest)  # refuses a prompt longer than any bucket
-        room = self.runtime.sequence_length - longest
-        if max_new_tokens > room:
-            logger.warning(
-                "max_new_tokens=%d does not fit the compiled sequence_length=%d after a "
-                "%d-token prompt: generating at most %d tokens.",
-                max_new_tokens,
-                self.runtime.sequence_length,
-                longest,
-                room,
-            )
-            max_new_tokens = room
-        eos = self.generation_config.eos_token_id
+        max_new_tokens = self._max_new_tokens(generation_config, input_ids, attention_mask)
+        generation_config.max_length = input_ids.shape[1] + max_new_tokens
+        generation_config.max_new_tokens = max_new_tokens
+        # transformers' own preparation, processors and criteria: same semantics, same order.
+        self._prepare_special_tokens(generation_config, True, device="cpu")
+        processors = self._get_logits_processor(
+            generation_config=generation_config,
+            input_ids_seq_length=input_ids.shape[1],
+            encoder_input_ids=input_ids,
+            prefix_allowed_tokens_fn=None,
+            logits_processor=logits_processor or LogitsProcessorList(),
+            device="cpu",
+            model_kwargs={},
+        )
+        criteria = self._get_stopping_criteria(
+            generation_config=generation_config,
+            stopping_criteria=stopping_criteria or StoppingCriteriaList(),
+            tokenizer=tokenizer,
+        )
         with torch.inference_mode():
-            return greedy_generate(
+            return decode_loop(
                 self.runtime.prefill,
                 self.runtime.decode,
                 input_ids,
                 attention_mask,
                 max_new_tokens,
-                eos_token_id=eos,
-                pad_token_id=self.runtime.pad_token_id,
+                pad_token_id=int(generation_config._pad_token_tensor),
+                eos_token_id=generation_config.eos_token_id,
+                logits_processor=processors,
+                stopping_criteria=criteria,
+                do_sample=generation_config.do_sample,
+                streamer=streamer,
             ).sequences
+
+    def _max_new_tokens(self, generation_config, input_ids, attention_mask) -> int:
+        """New tokens to generate: from max_new_tokens or max_length, clamped to what fits."""
+        longest = int(attention_mask.sum(-1).max())
+        self.runtime.bucket_for(longest)  # refuses a prompt longer than any bucket
+        if generation_config.max_new_tokens is not None:
+            wanted = generation_config.max_new_tokens
+        else:
+            wanted = generation_config.max_length - input_ids.shape[1]
+        room = self.runtime.sequence_length - longest
+        if wanted > room:
+            logger.warning(
+                "%d new tokens do not fit the compiled sequence_length=%d after a %d-token "
+                "prompt: generating at most %d tokens.",
+                wanted,
+                self.runtime.sequence_length,
+                longest,
+                room,
+            )
+        return max(0, min(wanted, room))
