@@ -17,11 +17,11 @@ import weakref
 from pathlib import Path
 
 import torch
-from huggingface_hub import snapshot_download
 from optimum.neuron.models.inference.modeling_utils import NeuronModelForCausalLM
 from transformers import AutoConfig, GenerationConfig, GenerationMixin
 from transformers.generation import LogitsProcessorList, StoppingCriteriaList
 
+from . import hub
 from .compiler import TARGETS
 from .compiler.neuron import missing_sdk_packages
 from .exporters.artifacts import copy_tree_files, write_folder_atomically
@@ -191,7 +191,9 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
             )
         folder = Path(model_id)
         if not folder.is_dir():
-            folder = Path(snapshot_download(str(model_id), revision=revision, token=token))
+            # A Hub repo, through the HF cache (so HF_HUB_OFFLINE=1 reuses it); errors say
+            # what to do (log in, request access, pass export=True for a checkpoint).
+            folder = hub.download_compiled(str(model_id), revision=revision, token=token)
         return cls(Gemma3Runtime(folder, token=token))
 
     @classmethod
@@ -231,9 +233,37 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
         self.save_pretrained(save_directory)
 
     def push_to_hub(
-        self, save_directory, repository_id, private=None, revision=None, token=True, endpoint=None
+        self,
+        save_directory: str | Path,
+        repository_id: str,
+        private: bool | None = None,
+        revision: str | None = None,
+        token: bool | str = True,
+        endpoint: str | None = None,
     ) -> str:
-        raise NotImplementedError
+        """Save the artifact folder to `save_directory` with a model card, then upload it.
+
+        optimum-neuron's signature: `save_directory` is (re)written unless it already holds
+        this model's files; a generated `README.md` (metadata, export config, usage) is
+        added. The repo is created if missing (`private` applies only then), `revision` is
+        a branch created from main if missing, and stale programs and weights of an
+        earlier push are removed in the same commit. `token=True` (the default) requires a
+        stored token (`hf auth login`) and fails with that advice otherwise.
+
+        Returns the URL of the commit, `{endpoint}/{repo_id}/commit/{sha}`.
+        """
+        folder = Path(save_directory)
+        if not hub.holds_same_files(self.runtime.folder, folder):
+            folder = self.save_pretrained(folder)
+        return hub.push_folder(
+            folder,
+            self.neuron_config,
+            repository_id,
+            private=private,
+            revision=revision,
+            token=token,
+            endpoint=endpoint,
+        )
 
     # -- generation -------------------------------------------------------------------
 
@@ -265,7 +295,9 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
         """
         generation_config = copy.deepcopy(generation_config or self.generation_config)
         unused = generation_config.update(**kwargs)
-        unused.pop("pad_token_id", None)
+        # Inputs Gemma-3 ignores in transformers too (text-only: no token types).
+        for ignored in ("pad_token_id", "token_type_ids", "use_cache"):
+            unused.pop(ignored, None)
         if unused:
             raise ValueError(f"Unsupported generate() arguments: {sorted(unused)}.")
         if generation_config.num_beams != 1 or generation_config.num_return_sequences != 1:

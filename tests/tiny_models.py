@@ -173,3 +173,35 @@ def load_reference(folder: Path, dtype: torch.dtype = torch.float32, attn: str =
     config = AutoConfig.from_pretrained(folder)
     model = reference_class(config).from_pretrained(folder, dtype=dtype, attn_implementation=attn)
     return model.eval()
+
+
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "<start_of_turn>{{ role }}\n{{ message['content'] | trim }}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def tiny_tokenizer(vocab_size: int):
+    """A word-level tokenizer over a tiny model's vocabulary: token i >= 7 is the word `w<i>`.
+
+    Gives the random models text in and text out (pipelines, streamers, stop strings),
+    with Gemma-3's special ids: <pad> 0, <eos> 1, <bos> 2 and turn markers.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<start_of_turn>": 3, "<end_of_turn>": 4}
+    roles = {"user": 5, "model": 6}
+    vocab = {**specials, **roles, **{f"w{i}": i for i in range(7, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+        model_input_names=["input_ids", "attention_mask"],
+    )
+    tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
+    return tokenizer
