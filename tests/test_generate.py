@@ -13,8 +13,14 @@ import pytest
 import torch
 import transformers
 from optimum.neuron import NeuronModelForCausalLM
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
-from transformers import AutoTokenizer, TextIteratorStreamer, TextStreamer
+from transformers import (
+    AutoTokenizer,
+    GenerationConfig,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+    TextStreamer,
+)
 
 import optimum_gemma3
 from optimum_gemma3 import Gemma3NeuronModelForCausalLM
@@ -50,19 +56,34 @@ def test_auto_class_resolves_gemma3_without_the_sdk(compiled):
     for model_type in ("gemma3_text", "gemma3"):
         config = transformers.PretrainedConfig()
         config.model_type = model_type
-        assert NeuronModelForCausalLM._get_neuron_model_class(config) is Gemma3NeuronModelForCausalLM
+        assert (
+            NeuronModelForCausalLM._get_neuron_model_class(config) is Gemma3NeuronModelForCausalLM
+        )
     assert isinstance(model, NeuronModelForCausalLM)
 
 
 def test_auto_class_exports_loads_and_configures(exported, tmp_path):  # noqa: F811
     source, model, folder = exported
     config = NeuronModelForCausalLM.get_neuron_config(source, instance_type="cpu", **SHAPE)
-    for field in ("batch_size", "sequence_length", "max_context_length", "tp_degree",
-                  "context_encoding_buckets", "torch_dtype", "target", "checkpoint_id"):
+    for field in (
+        "batch_size",
+        "sequence_length",
+        "max_context_length",
+        "tp_degree",
+        "context_encoding_buckets",
+        "torch_dtype",
+        "target",
+        "checkpoint_id",
+    ):
         assert getattr(config, field) == getattr(model.neuron_config, field), field
     by_auto = NeuronModelForCausalLM.from_pretrained(
-        source, export=True, batch_size=3, sequence_length=128, num_cores=1,
-        auto_cast_type="fp32", context_encoding_buckets=[16, 32],
+        source,
+        export=True,
+        batch_size=3,
+        sequence_length=128,
+        num_cores=1,
+        auto_cast_type="fp32",
+        context_encoding_buckets=[16, 32],
     )
     assert isinstance(by_auto, Gemma3NeuronModelForCausalLM)
     assert by_auto.neuron_config.tp_degree == 1 and by_auto.neuron_config.dtype_name == "float32"
@@ -76,8 +97,9 @@ def test_auto_class_exports_loads_and_configures(exported, tmp_path):  # noqa: F
 
 def test_missing_instance_type_means_cpu_without_sdk(tiny_checkpoints, caplog):
     with caplog.at_level(logging.INFO, logger="optimum_gemma3"):
-        config = NeuronModelForCausalLM.get_neuron_config(tiny_checkpoints("4b"),
-                                                          sequence_length=64)
+        config = NeuronModelForCausalLM.get_neuron_config(
+            tiny_checkpoints("4b"), sequence_length=64
+        )
     assert config.target == "cpu"
     assert "No Neuron SDK on this host: exporting for instance_type='cpu'" in caplog.text
 
@@ -95,11 +117,16 @@ def test_compatibility_layer_assumptions_hold():
 
     assert callable(auto_model.register_neuron_model)
     assert isinstance(auto_model._REGISTERED_NEURON_MODELS, dict)
-    assert auto_model._REGISTERED_NEURON_MODELS[("gemma3_text", "text-generation", "inference")] \
+    assert (
+        auto_model._REGISTERED_NEURON_MODELS[("gemma3_text", "text-generation", "inference")]
         is Gemma3NeuronModelForCausalLM
+    )
     assert getattr(modeling_utils.get_neuron_model_class, "_optimum_gemma3", False)
     assert list(inspect.signature(modeling_utils.get_neuron_model_class).parameters) == [
-        "model_type", "task", "mode"]
+        "model_type",
+        "task",
+        "mode",
+    ]
     source = inspect.getsource(modeling_utils.NeuronPreTrainedModel._get_neuron_model_class)
     assert "get_neuron_model_class(" in source
     auto_get_config = modeling_utils.NeuronModelForCausalLM.get_neuron_config
@@ -132,13 +159,18 @@ def test_greedy_uses_generation_config_and_kwargs(compiled):
 
 @pytest.mark.parametrize(
     "options",
-    [dict(temperature=0.7), dict(top_k=20), dict(top_p=0.8, temperature=1.3),
-     dict(top_k=50, top_p=0.95, temperature=0.9, repetition_penalty=1.2)],
+    [
+        dict(temperature=0.7),
+        dict(top_k=20),
+        dict(top_p=0.8, temperature=1.3),
+        dict(top_k=50, top_p=0.95, temperature=0.9, repetition_penalty=1.2),
+    ],
 )
 def test_sampling_is_seeded_and_matches_transformers(compiled, options):
     ids, mask = left_padded_batch(520, seed=13)
-    ours, expected = both_generate(compiled, ids, mask, seed=42, do_sample=True,
-                                   max_new_tokens=24, **options)
+    ours, expected = both_generate(
+        compiled, ids, mask, seed=42, do_sample=True, max_new_tokens=24, **options
+    )
     assert torch.equal(ours, expected)
 
 
@@ -148,8 +180,9 @@ def test_eos_and_min_new_tokens(compiled):
     eos = int(free[1, ids.shape[1] + 3])  # row 1 emits it at its 4th new token
     ours, expected = both_generate(compiled, ids, mask, max_new_tokens=30, eos_token_id=eos)
     assert torch.equal(ours, expected)
-    ours, expected = both_generate(compiled, ids, mask, max_new_tokens=30, eos_token_id=eos,
-                                   min_new_tokens=10)
+    ours, expected = both_generate(
+        compiled, ids, mask, max_new_tokens=30, eos_token_id=eos, min_new_tokens=10
+    )
     assert torch.equal(ours, expected)
 
 
@@ -177,15 +210,17 @@ def test_stopping_criteria_and_stop_strings(compiled, real_270m):
     free, _ = both_generate(compiled, ids, mask, max_new_tokens=30)
     token = int(free[0, ids.shape[1] + 5])
     criteria = StoppingCriteriaList([StopAfterToken(token)])
-    ours, expected = both_generate(compiled, ids, mask, max_new_tokens=30,
-                                   stopping_criteria=criteria)
+    ours, expected = both_generate(
+        compiled, ids, mask, max_new_tokens=30, stopping_criteria=criteria
+    )
     assert torch.equal(ours, expected)
 
     # StopStringCriteria needs a subword tokenizer; the real one decodes tiny ids to text too.
     tokenizer = AutoTokenizer.from_pretrained(real_270m)
     stop = tokenizer.decode(free[2, ids.shape[1] + 6 : ids.shape[1] + 8])
-    ours, expected = both_generate(compiled, ids, mask, max_new_tokens=30, stop_strings=[stop],
-                                   tokenizer=tokenizer)
+    ours, expected = both_generate(
+        compiled, ids, mask, max_new_tokens=30, stop_strings=[stop], tokenizer=tokenizer
+    )
     assert torch.equal(ours, expected)
     assert (ours[2, -5:] == 0).all()  # row 2 stopped on the string, then padded
 
@@ -200,13 +235,15 @@ def test_streamers(compiled):
         def on_finalized_text(self, text, stream_end=False):
             printed.append(text)
 
-    out = model.generate(**inputs, max_new_tokens=12, streamer=Recorder(tokenizer,
-                                                                        skip_prompt=True))
+    out = model.generate(
+        **inputs, max_new_tokens=12, streamer=Recorder(tokenizer, skip_prompt=True)
+    )
     assert "".join(printed).strip() == tokenizer.decode(out[0, 5:]).strip()
 
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
-    thread = Thread(target=model.generate, kwargs=dict(**inputs, max_new_tokens=12,
-                                                       streamer=streamer))
+    thread = Thread(
+        target=model.generate, kwargs=dict(**inputs, max_new_tokens=12, streamer=streamer)
+    )
     thread.start()
     chunks = list(streamer)
     thread.join()
