@@ -1,0 +1,225 @@
+"""Speed of the compiled Gemma-3 270M against transformers, in the same process and run.
+
+    python scripts/benchmark.py [--dtype float32 bfloat16] [--batch-sizes 1 4]
+                                [--prompt-lengths 32 512 2000] [--new-tokens 32]
+                                [--repeats 3] [--decode-scaling 512 4096] [--json OUT]
+
+For each dtype and batch size: export (timed; a compile-cache hit is reported as such),
+reload in this process (timed), then alternately run transformers (same dtype, its
+default sdpa attention and dynamic cache, greedy) and our model, `--repeats` times, and
+report medians: time to first token per prompt length, decode ms/token, tokens/s, and
+the ratio ours/transformers. The memory-bandwidth floor is measured in the same run: one
+decode step must read every weight once, so `weights bytes / bandwidth` is the fastest a
+step can be; the table shows what fraction of that floor each side reaches.
+`--decode-scaling` exports decode programs for several sequence lengths and times a step
+at the same context: caches updated in place keep the time flat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from transformers import AutoModelForCausalLM
+
+sys.path.insert(0, str(Path(__file__).parent))
+from prepare_270m import ensure_checkpoint  # noqa: E402
+
+from optimum_gemma3 import Gemma3NeuronModelForCausalLM  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+logger = logging.getLogger("benchmark")
+
+
+def memory_bandwidth_gbs(size_mb: int = 512, repeats: int = 5) -> float:
+    """Read bandwidth with the benchmark's thread count: a full reduction over a big buffer."""
+    data = torch.ones(size_mb * 2**20 // 4, dtype=torch.float32)
+    data.sum()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        times.append(time.perf_counter() - start)
+    return data.numel() * 4 / min(times) / 1e9
+
+
+def prompt_batch(length: int, batch: int) -> dict:
+    generator = torch.Generator().manual_seed(length)
+    ids = torch.randint(1000, 200000, (batch, length), generator=generator)
+    ids[:, 0] = 2
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure(generate, prompts: dict[int, dict], new_tokens: int) -> dict:
+    """TTFT per prompt length (one new token) and decode ms/token (from the longest run)."""
+    ttft = {n: timed(lambda p=p: generate(p, 1)) for n, p in prompts.items()}
+    shortest = min(prompts)
+    total = timed(lambda: generate(prompts[shortest], new_tokens + 1))
+    decode = (total - ttft[shortest]) / new_tokens
+    return {"ttft_s": ttft, "decode_ms": 1000 * decode}
+
+
+def run_config(args, model_dir, dtype_name, batch, bandwidth) -> dict:
+    dtype = DTYPES[dtype_name]
+    longest = max(args.prompt_lengths)
+    config = Gemma3NeuronModelForCausalLM.get_neuron_config(
+        model_dir,
+        batch_size=batch,
+        sequence_length=longest + args.new_tokens + 8,
+        max_context_length=longest,
+        torch_dtype=dtype_name,
+        instance_type="cpu",
+        context_encoding_buckets=sorted(args.prompt_lengths),
+    )
+    process = psutil.Process()
+    rss = process.memory_info().rss
+    export_s = timed(
+        lambda: Gemma3NeuronModelForCausalLM.export(model_dir, config).save_pretrained(
+            args.workdir / f"{dtype_name}-b{batch}"
+        )
+    )
+    start = time.perf_counter()
+    ours = Gemma3NeuronModelForCausalLM.from_pretrained(args.workdir / f"{dtype_name}-b{batch}")
+    reload_s = time.perf_counter() - start
+    ours_rss = process.memory_info().rss - rss
+    rss = process.memory_info().rss
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    hf_rss = process.memory_info().rss - rss
+
+    def ours_generate(p, n):
+        return ours.generate(**p, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+    def hf_generate(p, n):
+        with torch.inference_mode():
+            return reference.generate(**p, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+    prompts = {n: prompt_batch(n, batch) for n in args.prompt_lengths}
+    ours_generate(prompts[min(prompts)], 2)  # warm-up both
+    hf_generate(prompts[min(prompts)], 2)
+    runs = {"ours": [], "transformers": []}
+    for _ in range(args.repeats):  # alternate, so drift affects both sides alike
+        runs["transformers"].append(measure(hf_generate, prompts, args.new_tokens))
+        runs["ours"].append(measure(ours_generate, prompts, args.new_tokens))
+    weights_bytes = sum(t.numel() * t.element_size() for t in ours.runtime.weights.values())
+    floor_ms = 1000 * weights_bytes / (bandwidth * 1e9)
+    result = {
+        "dtype": dtype_name,
+        "batch": batch,
+        "export_s": export_s,
+        "reload_s": reload_s,
+        "rss_mb": {"ours": ours_rss / 2**20, "transformers": hf_rss / 2**20},
+        "floor_ms": floor_ms,
+    }
+    for side, measurements in runs.items():
+        decode = statistics.median(m["decode_ms"] for m in measurements)
+        result[side] = {
+            "decode_ms": decode,
+            "tokens_per_s": 1000 * batch / decode,
+            "ttft_s": {
+                n: statistics.median(m["ttft_s"][n] for m in measurements)
+                for n in args.prompt_lengths
+            },
+            "floor_fraction": floor_ms / decode,
+        }
+    return result
+
+
+def decode_scaling(args, model_dir, context: int = 256) -> dict[int, float]:
+    """Decode ms/step at the same context for programs compiled with different cache lengths."""
+    times = {}
+    for length in args.decode_scaling:
+        config = Gemma3NeuronModelForCausalLM.get_neuron_config(
+            model_dir,
+            batch_size=1,
+            sequence_length=length,
+            max_context_length=128,
+            context_encoding_buckets=[128],
+            instance_type="cpu",
+        )
+        runtime = Gemma3NeuronModelForCausalLM.export(model_dir, config).runtime
+        step = functools.partial(runtime.decode, torch.tensor([[1000]]), torch.tensor([context]))
+        with torch.inference_mode():
+            step()
+            steps = [timed(step) for _ in range(10)]
+        times[length] = 1000 * statistics.median(steps)
+    return times
+
+
+def print_table(results: list[dict], bandwidth: float) -> None:
+    print(
+        f"\nmachine: {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, read bandwidth {bandwidth:.1f} GB/s"
+    )
+    for r in results:
+        o, t = r["ours"], r["transformers"]
+        print(
+            f"\n{r['dtype']}, batch {r['batch']}: export {r['export_s']:.0f} s, reload "
+            f"{r['reload_s']:.2f} s, RSS ours {r['rss_mb']['ours']:.0f} MB / transformers "
+            f"{r['rss_mb']['transformers']:.0f} MB, floor {r['floor_ms']:.1f} ms/step"
+        )
+        print(f"  {'metric':<22}{'transformers':>14}{'ours':>10}{'speed-up':>10}")
+        for n in o["ttft_s"]:
+            print(
+                f"  {f'TTFT {n} tokens (s)':<22}{t['ttft_s'][n]:>14.3f}{o['ttft_s'][n]:>10.3f}"
+                f"{t['ttft_s'][n] / o['ttft_s'][n]:>9.2f}x"
+            )
+        print(
+            f"  {'decode (ms/token)':<22}{t['decode_ms']:>14.1f}{o['decode_ms']:>10.1f}"
+            f"{t['decode_ms'] / o['decode_ms']:>9.2f}x"
+        )
+        print(f"  {'tokens/s':<22}{t['tokens_per_s']:>14.1f}{o['tokens_per_s']:>10.1f}")
+        floor = f"{t['floor_fraction']:>13.0%}{o['floor_fraction']:>10.0%}"
+        print(f"  {'of bandwidth floor':<22}{floor}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dtype", nargs="+", choices=DTYPES, default=["float32"])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1])
+    parser.add_argument("--prompt-lengths", nargs="+", type=int, default=[32, 512])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--decode-scaling", nargs="*", type=int, default=[])
+    parser.add_argument("--workdir", type=Path, default=Path("benchmarks"))
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/benchmark.json"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(os.cpu_count() or 1)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+
+    model_dir = ensure_checkpoint()
+    bandwidth = memory_bandwidth_gbs()
+    results = [
+        run_config(args, model_dir, d, b, bandwidth) for d in args.dtype for b in args.batch_sizes
+    ]
+    print_table(results, bandwidth)
+    report = {"bandwidth_gbs": bandwidth, "threads": torch.get_num_threads(), "runs": results}
+    if args.decode_scaling:
+        scaling = decode_scaling(args, model_dir)
+        report["decode_scaling_ms"] = scaling
+        print(
+            "\ndecode ms/step at context 256 by compiled sequence_length: "
+            + ", ".join(f"{length}: {ms:.1f}" for length, ms in scaling.items())
+        )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
