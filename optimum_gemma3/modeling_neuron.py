@@ -246,8 +246,8 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
         optimum-neuron's signature: `save_directory` is (re)written unless it already holds
         this model's files; a generated `README.md` (metadata, export config, usage) is
         added. The repo is created if missing (`private` applies only then), `revision` is
-        a branch created from main if missing, and stale programs and weights of an
-        earlier push are removed in the same commit. `token=True` (the default) requires a
+        a branch created from main if missing, and programs of an earlier push that this
+        model lacks are removed in the same commit. `token=True` (the default) requires a
         stored token (`hf auth login`) and fails with that advice otherwise.
 
         Returns the URL of the commit, `{endpoint}/{repo_id}/commit/{sha}`.
