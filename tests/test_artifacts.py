@@ -24,6 +24,15 @@ from tests.tiny_models import load_reference, save_random_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = dict(batch_size=3, sequence_length=128, context_encoding_buckets=[16, 32])
+ARTIFACT_FILES = {
+    "config.json",
+    "neuron_config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "compiled/prefill_16.pt2",
+    "compiled/prefill_32.pt2",
+    "compiled/decode.pt2",
+}
 
 
 @pytest.fixture(scope="session")
@@ -71,15 +80,7 @@ def test_exported_model_generates_transformers_tokens_before_and_after_reload(ex
 def test_artifact_folder_layout(exported):
     _, _, folder = exported
     names = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
-    assert {
-        "config.json",
-        "neuron_config.json",
-        "generation_config.json",
-        "model.safetensors",
-        "compiled/prefill_16.pt2",
-        "compiled/prefill_32.pt2",
-        "compiled/decode.pt2",
-    } <= names
+    assert ARTIFACT_FILES <= names
     recorded = json.loads((folder / "neuron_config.json").read_text())
     assert recorded["torch_version"] == torch.__version__
     assert recorded["compiler"] == "torch-aotinductor"

@@ -29,23 +29,14 @@ from huggingface_hub.utils import reset_sessions
 from optimum_gemma3 import Gemma3NeuronModelForCausalLM
 from optimum_gemma3.exporters.artifacts import ArtifactError
 from optimum_gemma3.hub import hub_repo_id, model_card
+from tests.test_artifacts import ARTIFACT_FILES, SHAPE
 from tests.test_parity import left_padded_batch
 
 if TYPE_CHECKING:
     from tests.hub_server import LocalHub
 
 # The same shape as tests/test_artifacts.py: the compile cache already holds its programs.
-SHAPE = dict(batch_size=3, sequence_length=128, context_encoding_buckets=[16, 32])
 NEW_TOKENS = 24
-ARTIFACT_FILES = {
-    "config.json",
-    "neuron_config.json",
-    "generation_config.json",
-    "model.safetensors",
-    "compiled/prefill_16.pt2",
-    "compiled/prefill_32.pt2",
-    "compiled/decode.pt2",
-}
 
 
 @pytest.fixture(scope="module")
