@@ -1,7 +1,8 @@
 """Speed of the compiled Gemma-3 270M against transformers, in the same process and run.
 
     python scripts/benchmark.py [--dtype float32 bfloat16] [--batch-sizes 1 4]
-                                [--prompt-lengths 32 512 2000] [--new-tokens 32]
+                                [--prompt-lengths 32 512 2000] [--sequence-length N]
+                                [--new-tokens 32]
                                 [--repeats 3] [--decode-scaling 512 4096] [--json OUT]
 
 For each dtype and batch size: export (timed; a compile-cache hit is reported as such),
@@ -191,7 +192,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", nargs="+", choices=DTYPES, default=["float32"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1])
-    parser.add_argument("--prompt-lengths", nargs="+", type=int, default=[32, 512])
+    parser.add_argument("--prompt-lengths", nargs="+", type=int, default=[32, 512, 2000])
+    parser.add_argument(
+        "--sequence-length",
+        type=int,
+        default=None,
+        help="compiled length (default: longest prompt + new tokens + 1)",
+    )
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-scaling", nargs="*", type=int, default=[])
