@@ -1,0 +1,386 @@
+"""`optimum-cli export neuron` for Gemma-3 on hosts without the AWS Neuron SDK.
+
+optimum-neuron registers its own `export neuron` command only when the SDK is installed
+(see `optimum/commands/register/register_gemma3.py`), so without it this command fills the
+gap for Gemma-3: it reads the same flag names as optimum-neuron's command (`--model`,
+`--task`, `--batch_size`, `--sequence_length`, `--num_cores`, `--auto_cast_type`,
+`--torch_dtype`, `--instance_type`, positional output), builds the export config with
+`Gemma3NeuronModelForCausalLM.get_neuron_config`, compiles with `.export` and writes the
+artifact folder with `.save_pretrained`.
+
+optimum-cli builds every registered parser at start-up, so this module imports only
+argparse and `optimum.commands`; the model stack is imported by `run()`. (Importing it
+still runs `optimum_gemma3/__init__.py`, which loads torch: see register_gemma3.py.)
+User errors (a non-Gemma-3 model, an invalid shape, a missing checkpoint, a Neuron target
+without the SDK) end the process with one `error:` line and a non-zero status, not a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import re
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
+
+logger = logging.getLogger(__name__)
+
+TASK = "text-generation"
+INSTANCE_TYPES = ("cpu", "inf2", "trn1", "trn1n", "trn2")
+DTYPES = ("bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
+GEMMA3_MODEL_TYPES = ("gemma3", "gemma3_text")
+PROG = "optimum-cli export neuron"
+# Set on the parsers this command creates, to recognise them when registered twice.
+PARSER_MARKER = "_optimum_gemma3_export"
+
+
+class CliError(Exception):
+    """A user error reported as one line (no traceback)."""
+
+
+def _task(value: str) -> str:
+    """argparse type for `--task`: Gemma-3 is exported for text generation only."""
+    if value != TASK:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not supported: optimum-gemma3 exports Gemma-3 models for {TASK!r} only."
+        )
+    return value
+
+
+def _bucket_lengths(value: str) -> list[int]:
+    """argparse type for one `--context_encoding_buckets` word: `16,32`, `16` or `"16 32"`."""
+    parts = [part for part in re.split(r"[,\s]+", value) if part]
+    try:
+        return [int(part) for part in parts]
+    except ValueError:
+        # nargs="+" also swallows a following positional: say so, it is the likely cause.
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a list of prompt lengths (integers, e.g. 128,256,512). If it "
+            "is the output folder, put it before --context_encoding_buckets."
+        ) from None
+
+
+def parse_args_gemma3(parser: argparse.ArgumentParser) -> None:
+    """The command's flags: optimum-neuron's names where they exist, plus the bucket flags."""
+    parser.description = (
+        "Compile a Gemma-3 checkpoint (gemma3 or gemma3_text) into an optimum-gemma3 artifact "
+        "folder. Without the AWS Neuron SDK only Gemma-3 is handled; --instance_type cpu "
+        "compiles and runs on this host."
+    )
+    required = parser.add_argument_group("Required arguments")
+    required.add_argument(
+        "-m",
+        "--model",
+        type=str,
+        required=True,
+        help="Model ID on huggingface.co or path on disk to load the model from.",
+    )
+    required.add_argument(
+        "output", type=Path, help="Folder to write the compiled model to (replaced whole)."
+    )
+
+    optional = parser.add_argument_group("Optional arguments")
+    optional.add_argument(
+        "--task",
+        type=_task,
+        default=TASK,
+        help=f"The task to export the model for: only {TASK!r} (the default).",
+    )
+    optional.add_argument(
+        "--instance_type",
+        choices=INSTANCE_TYPES,
+        default=None,
+        help="Target the compiled model runs on. Default: cpu on hosts without the Neuron SDK.",
+    )
+    optional.add_argument(
+        "--auto_cast_type",
+        "--torch_dtype",
+        dest="torch_dtype",
+        choices=DTYPES,
+        default=None,
+        metavar="DTYPE",
+        help="Weights and activations dtype: bf16, fp32 (default) or their torch names "
+        "bfloat16, float32. fp16 is refused: Gemma-3 activations overflow it.",
+    )
+    optional.add_argument(
+        "--num_cores",
+        "--tensor_parallel_size",
+        dest="tensor_parallel_size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Tensor parallelism degree (only 1 is supported for now).",
+    )
+    optional.add_argument("--revision", type=str, default=None, help="Hub revision to export.")
+    optional.add_argument(
+        "--token", type=str, default=None, help="Hugging Face token for private Hub models."
+    )
+    optional.add_argument(
+        "--no_weights",
+        action="store_true",
+        help="Export without weights: they are loaded from --model when the folder is loaded.",
+    )
+
+    shapes = parser.add_argument_group("Input shapes")
+    shapes.add_argument(
+        "--batch_size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Batch size the programs take (default 1).",
+    )
+    shapes.add_argument(
+        "--sequence_length",
+        type=int,
+        default=None,
+        metavar="N",
+        help="KV cache length: prompt plus generated tokens (default min(4096, the model's "
+        "max_position_embeddings)).",
+    )
+    shapes.add_argument(
+        "--max_context_length",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Longest prompt (default sequence_length).",
+    )
+    shapes.add_argument(
+        "--context_encoding_buckets",
+        type=_bucket_lengths,
+        nargs="+",
+        default=None,
+        metavar="LENGTHS",
+        help="Prefill lengths, comma or space separated: 128,256,512 or 128 256 512 (default: "
+        "powers of two from 128 up to max_context_length). It takes every word that follows, "
+        "so give the output folder before it, or another option or -- after it.",
+    )
+
+
+class Gemma3NeuronExportCommand(BaseOptimumCLICommand):
+    """`optimum-cli export neuron` for Gemma-3, registered only when optimum-neuron's is not."""
+
+    COMMAND = CommandInfo(
+        name="neuron",
+        help="Export Gemma-3 models to optimum-gemma3 compiled folders (no Neuron SDK needed "
+        "for --instance_type cpu).",
+    )
+
+    def __init__(
+        self,
+        subparsers: argparse._SubParsersAction | None,
+        args: argparse.Namespace | None = None,
+        command: CommandInfo | None = None,
+        from_defaults_factory: bool = False,
+        parser: argparse.ArgumentParser | None = None,
+    ):
+        # optimum-cli registers what every `register_gemma3.py` on the namespace path lists,
+        # and there are two when an installed copy and a source checkout on sys.path (cwd,
+        # PYTHONPATH) are both visible: the second `add_parser("neuron")` would abort every
+        # optimum-cli command with "conflicting subparser". Reuse our own parser instead.
+        # Anyone else's `neuron` parser (optimum-neuron's) still conflicts, loudly.
+        name = (command or self.COMMAND).name
+        existing = None if subparsers is None else subparsers.choices.get(name)
+        if not from_defaults_factory and existing is not None:
+            if existing.get_default(PARSER_MARKER):
+                from_defaults_factory, parser = True, existing
+        super().__init__(
+            subparsers,
+            args=args,
+            command=command,
+            from_defaults_factory=from_defaults_factory,
+            parser=parser,
+        )
+
+    @staticmethod
+    def parse_args(parser: argparse.ArgumentParser) -> None:
+        parse_args_gemma3(parser)
+        parser.set_defaults(**{PARSER_MARKER: True})
+
+    def run(self) -> None:
+        try:
+            with _progress_logs():
+                export_from_args(self.args)
+        except CliError as error:
+            raise SystemExit(f"{PROG}: error: {error}") from None
+        except Exception as error:
+            if not _is_user_error(error):
+                raise
+            raise SystemExit(f"{PROG}: error: {error}") from None
+
+
+def export_gemma3_if_supported(foreign_args: argparse.Namespace) -> bool:
+    """Export with this plugin when optimum-neuron's own command was given a Gemma-3 model.
+
+    Used on SDK hosts (see `optimum/commands/register/register_gemma3.py`). The flags that
+    both commands share keep their meaning (`--auto_cast matmul|all` selects
+    `--auto_cast_type` as the dtype); optimum-neuron-only flags do not apply to Gemma-3.
+    Returns False (not handled) for any other architecture.
+    """
+    from transformers import AutoConfig
+
+    revision, token = getattr(foreign_args, "revision", None), getattr(foreign_args, "token", None)
+    config = AutoConfig.from_pretrained(foreign_args.model, revision=revision, token=token)
+    if config.model_type not in GEMMA3_MODEL_TYPES:
+        return False
+    parser = argparse.ArgumentParser(prog=PROG)
+    parse_args_gemma3(parser)
+    args = parser.parse_args(["--model", foreign_args.model, str(foreign_args.output)])
+    for name in (
+        "task",
+        "instance_type",
+        "batch_size",
+        "sequence_length",
+        "tensor_parallel_size",
+        "torch_dtype",
+        "revision",
+        "token",
+    ):
+        value = getattr(foreign_args, name, None)
+        if value is not None:
+            setattr(args, name, value)
+    # optimum-neuron casts to --auto_cast_type only when --auto_cast asks for it.
+    if getattr(foreign_args, "auto_cast", None) in ("matmul", "all"):
+        args.torch_dtype = foreign_args.auto_cast_type
+    try:
+        with _progress_logs():
+            export_from_args(args)
+    except CliError as error:
+        raise SystemExit(f"{PROG}: error: {error}") from None
+    return True
+
+
+def export_from_args(args: argparse.Namespace) -> Path:
+    """Resolve the config, compile and save: the whole command, without the error handling."""
+    from transformers import AutoConfig
+
+    from ..compiler.neuron import missing_sdk_packages
+    from ..modeling_neuron import Gemma3NeuronModelForCausalLM
+
+    config = AutoConfig.from_pretrained(args.model, revision=args.revision, token=args.token)
+    if config.model_type not in GEMMA3_MODEL_TYPES:
+        raise CliError(
+            f"{args.model} is a {config.model_type!r} model: without the AWS Neuron SDK, "
+            f"`{PROG}` handles only {' and '.join(GEMMA3_MODEL_TYPES)} models (optimum-gemma3). "
+            "To export other architectures, install the Neuron SDK on an Inferentia/Trainium "
+            "host (`pip install optimum-neuron[neuronx]` with AWS's Neuron package index), "
+            "where optimum-neuron's own `export neuron` command is used."
+        )
+    _check_output(Path(args.output), args.model)
+
+    instance_type = args.instance_type
+    if instance_type is None and missing_sdk_packages():
+        instance_type = "cpu"
+        logger.info("No Neuron SDK on this host: exporting for --instance_type cpu.")
+    buckets = args.context_encoding_buckets
+    if buckets is not None:
+        buckets = [length for word in buckets for length in word]
+
+    neuron_config = Gemma3NeuronModelForCausalLM.get_neuron_config(
+        args.model,
+        config=config,
+        token=args.token,
+        revision=args.revision,
+        instance_type=instance_type,
+        batch_size=args.batch_size,
+        sequence_length=args.sequence_length,
+        tensor_parallel_size=args.tensor_parallel_size,
+        torch_dtype=args.torch_dtype,
+        max_context_length=args.max_context_length,
+        context_encoding_buckets=buckets,
+    )
+    logger.info(
+        "Exporting %s for %s: batch_size=%d, sequence_length=%d, context_encoding_buckets=%s, "
+        "torch_dtype=%s%s.",
+        args.model,
+        neuron_config.target,
+        neuron_config.batch_size,
+        neuron_config.sequence_length,
+        neuron_config.context_encoding_buckets,
+        neuron_config.dtype_name,
+        ", without weights" if args.no_weights else "",
+    )
+    start = time.perf_counter()
+    model = Gemma3NeuronModelForCausalLM.export(
+        args.model,
+        neuron_config,
+        token=args.token,
+        revision=args.revision,
+        load_weights=not args.no_weights,
+    )
+    logger.info("Export done in %.1f s; saving to %s.", time.perf_counter() - start, args.output)
+    folder = model.save_pretrained(args.output)
+    logger.info(
+        "Saved %s. Load it with Gemma3NeuronModelForCausalLM.from_pretrained(%r).",
+        folder,
+        str(folder),
+    )
+    return folder
+
+
+def _check_output(output: Path, model: str) -> None:
+    """Refuse an output folder whose whole replacement would destroy something else.
+
+    `save_pretrained` replaces the output folder whole, which is right for a previous
+    export but would delete a checkpoint or an unrelated folder given by mistake.
+    """
+    from .artifacts import NEURON_CONFIG_NAME
+
+    output = output.resolve()
+    source = Path(model)
+    if source.is_dir() and source.resolve().is_relative_to(output):
+        raise CliError(
+            f"The output folder {output} contains the model {model}, and the export replaces "
+            "the output folder whole: choose another output folder."
+        )
+    if output.exists() and not output.is_dir():
+        raise CliError(f"The output {output} exists and is not a folder.")
+    if output.is_dir() and any(output.iterdir()) and not (output / NEURON_CONFIG_NAME).is_file():
+        raise CliError(
+            f"The output folder {output} is not empty and holds no {NEURON_CONFIG_NAME} (not a "
+            "previous export); the export replaces the output folder whole, so choose a new "
+            "or empty folder."
+        )
+
+
+def _is_user_error(error: Exception) -> bool:
+    """Errors that describe bad input or environment, reported without a traceback."""
+    from ..compiler.neuron import NeuronSdkMissingError
+    from .artifacts import ArtifactError
+
+    return isinstance(error, (ValueError, OSError, ArtifactError, NeuronSdkMissingError))
+
+
+@contextlib.contextmanager
+def _progress_logs() -> Iterator[None]:
+    """Show optimum-gemma3's INFO logs (export steps, one line per program) on stderr.
+
+    Lines go through `tqdm.write` so they do not break the compile progress bar. The compile
+    cache's own INFO line is muted (the export already logs "<program>: from compile cache"),
+    and so is torch.export's side-effects warning (see below). Logger levels, handlers and
+    warning filters are restored afterwards, for callers running the command in-process.
+    """
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    package = logging.getLogger("optimum_gemma3")
+    cache = logging.getLogger("optimum_gemma3.exporters.compile_cache")
+    levels = package.level, cache.level
+    package.setLevel(logging.INFO)
+    cache.setLevel(logging.WARNING)
+    try:
+        with logging_redirect_tqdm(loggers=[package]), warnings.catch_warnings():
+            # torch.export lists every parameter and cache buffer the program reads as a
+            # "side effect" (programs take weights and caches as inputs, by design): on a real
+            # model that is one multi-kilobyte line per program, burying the progress lines.
+            warnings.filterwarnings(
+                "ignore", message="While compiling, we found certain side effects"
+            )
+            yield
+    finally:
+        package.setLevel(levels[0])
+        cache.setLevel(levels[1])
