@@ -11,6 +11,7 @@ overhead dominates at batch 1.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,7 +29,14 @@ class CpuBackend(CompilerBackend):
         return {"compiler": "torch-aotinductor", "compiler_version": torch.__version__}
 
     def compile(self, program: torch.nn.Module, example_inputs: tuple, path: Path) -> None:
-        exported = torch.export.export(program, example_inputs, strict=True)
+        with warnings.catch_warnings():
+            # torch.export reports every weight and cache the program reads from the
+            # functional_call state as a "side effect": inputs by design, and one
+            # multi-kilobyte warning per program that buries the progress output.
+            warnings.filterwarnings(
+                "ignore", message="While compiling, we found certain side effects"
+            )
+            exported = torch.export.export(program, example_inputs, strict=True)
         torch._inductor.aoti_compile_and_package(exported, package_path=str(path))
 
     def load(self, path: Path) -> Program:

@@ -23,7 +23,6 @@ import contextlib
 import logging
 import re
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -361,9 +360,9 @@ def _progress_logs() -> Iterator[None]:
     """Show optimum-gemma3's INFO logs (export steps, one line per program) on stderr.
 
     Lines go through `tqdm.write` so they do not break the compile progress bar. The compile
-    cache's own INFO line is muted (the export already logs "<program>: from compile cache"),
-    and so is torch.export's side-effects warning (see below). Logger levels, handlers and
-    warning filters are restored afterwards, for callers running the command in-process.
+    cache's own INFO line is muted (the export already logs "<program>: from compile cache").
+    Logger levels and handlers are restored afterwards, for callers running the command
+    in-process.
     """
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -373,13 +372,7 @@ def _progress_logs() -> Iterator[None]:
     package.setLevel(logging.INFO)
     cache.setLevel(logging.WARNING)
     try:
-        with logging_redirect_tqdm(loggers=[package]), warnings.catch_warnings():
-            # torch.export lists every parameter and cache buffer the program reads as a
-            # "side effect" (programs take weights and caches as inputs, by design): on a real
-            # model that is one multi-kilobyte line per program, burying the progress lines.
-            warnings.filterwarnings(
-                "ignore", message="While compiling, we found certain side effects"
-            )
+        with logging_redirect_tqdm(loggers=[package]):
             yield
     finally:
         package.setLevel(levels[0])
