@@ -12,10 +12,11 @@ that import fails before our registration is even consulted. On an SDK host the 
 import runs after ours and could register a Gemma-3 class of its own under our keys.
 So the lookup function bound in `optimum.neuron.models.inference.modeling_utils` is
 wrapped: Gemma-3 keys resolve to our class directly, anything else goes to the original
-lookup unchanged. The auto class's `get_neuron_config` is wrapped the same way, because
-0.4.x's version validates `instance_type` against Neuron instances only and defaults the
-tensor-parallel degree to the host's NeuronCores (0 here) before it reaches the model
-class. Nothing pretends to be the SDK. `tests/test_integration.py` checks
+lookup unchanged. The auto class's `get_neuron_config` and `from_pretrained` are routed
+the same way: 0.4.x's `get_neuron_config` validates `instance_type` against Neuron
+instances only and defaults the tensor-parallel degree to the host's NeuronCores (0 here)
+before it reaches the model class, and its `from_pretrained` hands export options to
+`AutoConfig`. Nothing pretends to be the SDK. `tests/test_integration.py` checks
 every name this relies on, so an optimum-neuron release that moves them fails loudly.
 """
 
@@ -46,12 +47,10 @@ def register(model_class: type) -> None:
             modeling_utils.get_neuron_model_class
         )
     auto_class = modeling_utils.NeuronModelForCausalLM
-    original = (
-        auto_class.__dict__.get("get_neuron_config")
-        or vars(modeling_utils.NeuronPreTrainedModel)["get_neuron_config"]
-    )
-    if not getattr(original.__func__, "_optimum_gemma3", False):
-        auto_class.get_neuron_config = _get_neuron_config_with_gemma3(original.__func__)
+    for name in ("get_neuron_config", "from_pretrained"):
+        original = getattr(auto_class, name).__func__
+        if not getattr(original, "_optimum_gemma3", False):
+            setattr(auto_class, name, _route_gemma3(original, name))
 
 
 def _lookup_with_gemma3(original):
@@ -64,24 +63,24 @@ def _lookup_with_gemma3(original):
     return get_neuron_model_class
 
 
-def _get_neuron_config_with_gemma3(original):
+def _route_gemma3(original, name: str) -> classmethod:
+    """Wrap an auto-class class method so Gemma-3 checkpoints go straight to our class.
+
+    The model type is read with only `token` / `revision`: optimum-neuron's own
+    `from_pretrained` passes every export option to `AutoConfig.from_pretrained`, which
+    turns them into config attributes (and warns about `torch_dtype`).
+    """
+
     @functools.wraps(original)
-    def get_neuron_config(
-        cls, model_name_or_path, config=None, token=None, revision=None, **kwargs
-    ):
+    def method(cls, model_id, *args, **kwargs):
         if inspect.isabstract(cls):
-            if config is None:
-                config = AutoConfig.from_pretrained(
-                    model_name_or_path, token=token, revision=revision
-                )
+            config = kwargs.get("config") or AutoConfig.from_pretrained(
+                model_id, token=kwargs.get("token"), revision=kwargs.get("revision")
+            )
             ours = _OUR_CLASSES.get((config.model_type, TASK, MODE))
             if ours is not None:
-                return ours.get_neuron_config(
-                    model_name_or_path, config=config, token=token, revision=revision, **kwargs
-                )
-        return original(
-            cls, model_name_or_path, config=config, token=token, revision=revision, **kwargs
-        )
+                return getattr(ours, name)(model_id, *args, **kwargs)
+        return original(cls, model_id, *args, **kwargs)
 
-    get_neuron_config._optimum_gemma3 = True
-    return classmethod(get_neuron_config)
+    method._optimum_gemma3 = True
+    return classmethod(method)

@@ -129,8 +129,10 @@ def test_compatibility_layer_assumptions_hold():
     ]
     source = inspect.getsource(modeling_utils.NeuronPreTrainedModel._get_neuron_model_class)
     assert "get_neuron_model_class(" in source
-    auto_get_config = modeling_utils.NeuronModelForCausalLM.get_neuron_config
-    assert getattr(auto_get_config.__func__, "_optimum_gemma3", False)
+    for name in ("get_neuron_config", "from_pretrained"):
+        routed = getattr(modeling_utils.NeuronModelForCausalLM, name).__func__
+        assert getattr(routed, "_optimum_gemma3", False), name
+        assert "AutoConfig.from_pretrained" in inspect.getsource(routed.__wrapped__), name
     # Importing the package twice must not stack wrappers.
     import importlib
 
