@@ -78,10 +78,11 @@ def measure(generate, prompts: dict[int, dict], new_tokens: int) -> dict:
 def run_config(args, model_dir, dtype_name, batch, bandwidth) -> dict:
     dtype = DTYPES[dtype_name]
     longest = max(args.prompt_lengths)
+    # One prefill bucket per prompt length, so TTFT measures exactly that prompt length.
     config = Gemma3NeuronModelForCausalLM.get_neuron_config(
         model_dir,
         batch_size=batch,
-        sequence_length=longest + args.new_tokens + 8,
+        sequence_length=args.sequence_length or longest + args.new_tokens + 8,
         max_context_length=longest,
         torch_dtype=dtype_name,
         instance_type="cpu",
@@ -197,7 +198,7 @@ def main() -> None:
         "--sequence-length",
         type=int,
         default=None,
-        help="compiled length (default: longest prompt + new tokens + 1)",
+        help="compiled length (default: longest prompt + new tokens + 8)",
     )
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
