@@ -258,7 +258,6 @@ def export_from_args(args: argparse.Namespace) -> Path:
     """Resolve the config, compile and save: the whole command, without the error handling."""
     from transformers import AutoConfig
 
-    from ..compiler.neuron import missing_sdk_packages
     from ..modeling_neuron import Gemma3NeuronModelForCausalLM
 
     config = AutoConfig.from_pretrained(args.model, revision=args.revision, token=args.token)
@@ -272,10 +271,6 @@ def export_from_args(args: argparse.Namespace) -> Path:
         )
     _check_output(Path(args.output), args.model)
 
-    instance_type = args.instance_type
-    if instance_type is None and missing_sdk_packages():
-        instance_type = "cpu"
-        logger.info("No Neuron SDK on this host: exporting for --instance_type cpu.")
     buckets = args.context_encoding_buckets
     if buckets is not None:
         buckets = [length for word in buckets for length in word]
@@ -285,7 +280,7 @@ def export_from_args(args: argparse.Namespace) -> Path:
         config=config,
         token=args.token,
         revision=args.revision,
-        instance_type=instance_type,
+        instance_type=args.instance_type,  # None: cpu without the SDK, logged
         batch_size=args.batch_size,
         sequence_length=args.sequence_length,
         tensor_parallel_size=args.tensor_parallel_size,
