@@ -34,7 +34,6 @@ from .runtime import Gemma3Runtime
 logger = logging.getLogger(__name__)
 
 DEFAULT_SEQUENCE_LENGTH = 4096
-AUTO_CAST_TYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 
 
 def target_for_instance_type(instance_type: str | None) -> str:
@@ -95,7 +94,6 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
         text = text_config(config)
         if sequence_length is None:
             sequence_length = min(text.max_position_embeddings, DEFAULT_SEQUENCE_LENGTH)
-        torch_dtype = AUTO_CAST_TYPES.get(str(torch_dtype), torch_dtype) or torch.float32
         neuron_config = Gemma3NeuronConfig(
             checkpoint_id=str(model_name_or_path),
             checkpoint_revision=revision,

@@ -70,10 +70,11 @@ class Gemma3NeuronConfig(NxDNeuronConfig):
         artifact_files: dict[str, str | None] | None = None,
         **kwargs,
     ):
-        kwargs.setdefault("torch_dtype", torch.float32)
+        # Normalized here, before the base class maps names with its own table: aliases
+        # (`bf16`, `fp32`) and the float16 refusal live in `dtype_name` only.
+        kwargs["torch_dtype"] = SUPPORTED_DTYPES[dtype_name(kwargs.get("torch_dtype") or "float32")]
         kwargs.setdefault("target", "cpu")
         super().__init__(**kwargs)
-        self.torch_dtype = SUPPORTED_DTYPES[dtype_name(self.torch_dtype)]
         self.context_encoding_buckets = context_encoding_buckets
         self.optimum_gemma3_version = optimum_gemma3_version or __version__
         self.torch_version = torch_version or torch.__version__
