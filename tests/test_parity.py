@@ -92,17 +92,7 @@ def test_bf16_logits_within_tolerance_of_hf_eager(name, tiny_checkpoints):
     decoder = build_decoder(folder, torch.bfloat16)
     ids, mask = left_padded_batch(text_config(reference.config).vocab_size, seed=2)
 
-    with torch.inference_mode():
-        expected = reference.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
+    expected = hf_greedy(reference, ids, mask, output_logits=True, return_dict_in_generate=True)
     forced = expected.sequences[:, ids.shape[1] :]
     ours = our_greedy(decoder, ids, mask, forced_tokens=forced)
     expected_logits = torch.stack(expected.logits, dim=1)
