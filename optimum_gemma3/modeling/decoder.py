@@ -23,7 +23,17 @@ from transformers import Gemma3TextConfig
 
 from .cache import KVCache, decode_mask, fill_index, prefill_mask
 from .config import FULL, LAYER_TYPES, SLIDING, rope_frequencies, text_config
-from .layers import MLP, RMSNorm, RotaryEmbedding, apply_rotary, grouped_attention
+from .layers import (
+    MLP,
+    Linear,
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rotary,
+    dense,
+    grouped_attention,
+    linear_class,
+)
+from .parallel import RANK_NAME, TensorParallelLayout, all_reduce, gather_vocab
 
 
 @dataclass
@@ -44,18 +54,19 @@ class Attention(nn.Module):
     tensor-parallel build can give each rank a slice of the heads.
     """
 
-    def __init__(self, config: Gemma3TextConfig, cache: KVCache):
+    def __init__(self, config: Gemma3TextConfig, cache: KVCache, layout: TensorParallelLayout):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.num_heads = layout.num_heads
+        self.num_kv_heads = layout.num_kv_heads
         self.head_dim = config.head_dim
         # Gemma-3 scales scores by query_pre_attn_scalar**-0.5, not head_dim**-0.5 (27b: 168).
         self.scale = config.query_pre_attn_scalar**-0.5
         hidden, bias = config.hidden_size, config.attention_bias
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        self.q_proj = Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        out_proj = linear_class(row_parallel=layout.degree > 1)
+        self.o_proj = out_proj(self.num_heads * self.head_dim, hidden, bias=bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.cache = cache
@@ -83,12 +94,23 @@ class Attention(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre- and post-norm around both attention and MLP: four norms per block."""
 
-    def __init__(self, config: Gemma3TextConfig, layer_type: str, cache: KVCache):
+    def __init__(
+        self,
+        config: Gemma3TextConfig,
+        layer_type: str,
+        cache: KVCache,
+        layout: TensorParallelLayout,
+    ):
         super().__init__()
         self.layer_type = layer_type
         eps = config.rms_norm_eps
-        self.self_attn = Attention(config, cache)
-        self.mlp = MLP(config.hidden_size, config.intermediate_size, config.hidden_activation)
+        self.self_attn = Attention(config, cache, layout)
+        self.mlp = MLP(
+            config.hidden_size,
+            layout.intermediate_size,
+            config.hidden_activation,
+            row_parallel=layout.degree > 1,
+        )
         self.input_layernorm = RMSNorm(config.hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
         self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
@@ -104,7 +126,8 @@ class Gemma3Decoder(nn.Module):
 
     Built for a fixed `batch_size` and `sequence_length` (the cache length of full layers);
     prefill accepts any prompt length up to `sequence_length`, so each bucket is the same
-    module traced with a different input shape.
+    module traced with a different input shape. With `tp_degree > 1` it is one rank's
+    slice of the model (see `parallel`): the same graph on every rank, its rank a weight.
     """
 
     def __init__(
@@ -113,10 +136,12 @@ class Gemma3Decoder(nn.Module):
         batch_size: int,
         sequence_length: int,
         dtype: torch.dtype = torch.float32,
+        tp_degree: int = 1,
     ):
         super().__init__()
         config = text_config(config)
         self.config = config
+        self.layout = layout = TensorParallelLayout.for_config(config, tp_degree)
         self.batch_size = batch_size
         self.sequence_length = sequence_length
         self.dtype = dtype
@@ -126,42 +151,54 @@ class Gemma3Decoder(nn.Module):
             FULL: sequence_length,
         }
 
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(layout.vocab_size, config.hidden_size)
         layers = []
         for layer_type in config.layer_types[: config.num_hidden_layers]:
             if layer_type not in LAYER_TYPES:
                 raise ValueError(f"Unknown layer type {layer_type!r} in config.layer_types.")
             cache = KVCache(
                 batch_size,
-                config.num_key_value_heads,
+                layout.num_kv_heads,
                 self.cache_len[layer_type],
                 config.head_dim,
                 dtype,
             )
-            layers.append(DecoderLayer(config, layer_type, cache))
+            layers.append(DecoderLayer(config, layer_type, cache, layout))
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = (
             None
             if config.tie_word_embeddings
-            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            else Linear(config.hidden_size, layout.vocab_size, bias=False)
         )
+        if layout.degree > 1:
+            self.register_parameter(
+                RANK_NAME, nn.Parameter(torch.zeros(1, dtype=torch.int32), requires_grad=False)
+            )
         self.rotary = nn.ModuleDict({kind: RotaryEmbedding() for kind in LAYER_TYPES})
         self.register_buffer("embed_scale", torch.empty(()), persistent=False)
         self.init_constants()
         # Only parameters take the model dtype; embed_scale and inv_freq stay fp32.
         for param in self.parameters():
-            param.data = param.data.to(dtype)
+            if param.is_floating_point():
+                param.data = param.data.to(dtype)
 
     @classmethod
-    def skeleton(cls, config, batch_size: int, sequence_length: int, dtype: torch.dtype):
+    def skeleton(
+        cls,
+        config,
+        batch_size: int,
+        sequence_length: int,
+        dtype: torch.dtype,
+        tp_degree: int = 1,
+    ):
         """A decoder with uninitialized weights and caches, built without initialization cost.
 
         Enough to trace the graphs (their weights and caches are program inputs) and to
         list cache shapes; the fixed fp32 tables are computed for real.
         """
         with torch.device("meta"):
-            decoder = cls(config, batch_size, sequence_length, dtype)
+            decoder = cls(config, batch_size, sequence_length, dtype, tp_degree)
         decoder.to_empty(device="cpu")
         decoder.init_constants()
         return decoder
@@ -179,12 +216,24 @@ class Gemma3Decoder(nn.Module):
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight
-        return self.embed_tokens(input_ids) * self.embed_scale.to(weight.dtype)
+        if self.layout.degree == 1:
+            rows = self.embed_tokens(input_ids)
+        else:
+            # Vocab-parallel: this rank's ids only; the all-reduce adds exact zeros elsewhere.
+            local = input_ids - getattr(self, RANK_NAME) * self.layout.vocab_size
+            owned = (local >= 0) & (local < self.layout.vocab_size)
+            rows = self.embed_tokens(torch.where(owned, local, 0)) * owned[..., None]
+            rows = all_reduce(rows)
+        return rows * self.embed_scale.to(weight.dtype)
 
     def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
         """Head on the final-normed hidden state of one token per row. Tied: the unscaled table."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(self.norm(h_last), weight)
+        if self.layout.degree == 1:
+            return dense(self.norm(h_last), weight)
+        # F.linear: the gathered tensor must not be a custom op's output (RowParallelLinear).
+        logits = torch.nn.functional.linear(self.norm(h_last), weight)
+        return gather_vocab(logits, getattr(self, RANK_NAME), self.config.vocab_size)
 
     def _run_layers(self, h: torch.Tensor, inputs: dict[str, LayerInputs]) -> torch.Tensor:
         for layer in self.layers:

@@ -12,6 +12,63 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from .parallel import all_reduce
+
+
+@torch.library.custom_op("optimum_gemma3::dense", mutates_args=())
+def dense(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`x @ weight.T` with oneDNN's inner product for fp32 on CPU, `F.linear` otherwise.
+
+    Why: decode multiplies 1-4 rows by each weight, so it is bound by how fast weights
+    stream from memory, and on our AMD hosts MKL's sgemm (what `F.linear` and Inductor's
+    extern `mm` call) streams at half the rate oneDNN does: the tied 262144x640 head
+    takes 87 ms with MKL and 43 ms with oneDNN at batch 1, 210 vs 77 ms at batch 4
+    (README, "Speed"). Inductor only lowers oneDNN linears for constant (frozen) weights,
+    and ours are program inputs, so the call is a custom op that compiled programs run as
+    an extern kernel. bf16 keeps `F.linear` (the kernels transformers' bf16 runs use:
+    oneDNN has no bf16 inner product without AVX512-BF16); other devices (Neuron tracing)
+    see a plain `F.linear`.
+    """
+    if (
+        x.dtype != torch.float32
+        or x.device.type != "cpu"
+        or not torch.backends.mkldnn.is_available()
+    ):
+        return F.linear(x, weight)
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    out = torch.ops.mkldnn._linear_pointwise(rows, weight.contiguous(), None, "none", [], "")
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+@dense.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameter names) computed by `dense`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = dense(x, self.weight)
+        return out if self.bias is None else out + self.bias
+
+
+class RowParallelLinear(nn.Linear):
+    """A rank's slice of the input features: partial products summed over ranks, then bias.
+
+    `F.linear`, not `dense`, because its output enters a collective: a custom op's output
+    is a Python-owned tensor, and gloo's worker thread releasing it needs the GIL that the
+    compiled program's caller holds, which deadlocks the rank (seen on torch 2.13).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = all_reduce(F.linear(x, self.weight))
+        return out if self.bias is None else out + self.bias
+
+
+def linear_class(row_parallel: bool) -> type[nn.Linear]:
+    return RowParallelLinear if row_parallel else Linear
+
 
 class RMSNorm(nn.Module):
     """Gemma RMSNorm: `x * rsqrt(mean(x^2) + eps) * (1 + w)` in fp32, cast back once.
@@ -101,11 +158,13 @@ def grouped_attention(
 class MLP(nn.Module):
     """`down(act(gate(x)) * up(x))`; Gemma-3's activation is gelu with the tanh approximation."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, activation: str):
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, activation: str, row_parallel: bool
+    ):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = linear_class(row_parallel)(intermediate_size, hidden_size, bias=False)
         self.act = ACT2FN[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

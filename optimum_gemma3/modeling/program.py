@@ -18,7 +18,7 @@ from .decoder import DecodeGraph, Gemma3Decoder, PrefillGraph
 PREFILL = "prefill"
 DECODE = "decode"
 # Bumped whenever the program signature or input layout changes: part of compile-cache keys.
-PROGRAM_FORMAT = 2
+PROGRAM_FORMAT = 3
 
 
 class GraphProgram(nn.Module):
