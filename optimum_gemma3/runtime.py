@@ -5,9 +5,9 @@ versions of this library, torch and the compiler; every program exists and match
 recorded checksum; the weights are safetensors with exactly the expected tensors. It
 compiles nothing and needs no model source for the programs.
 
-The runtime owns the weights and one set of KV caches shared by all programs; callers
-pass user-sized batches and the runtime picks the smallest prefill bucket that fits,
-left-aligns prompts into it and pads the batch up to the compiled batch size.
+Each rank engine owns its weights and one set of KV caches shared by all its programs;
+callers pass user-sized batches and the runtime picks the smallest prefill bucket that
+fits, left-aligns prompts into it and pads the batch up to the compiled batch size.
 """
 
 from __future__ import annotations
@@ -24,17 +24,17 @@ from . import __version__
 from .compiler import backend_for_target
 from .exporters.artifacts import (
     NEURON_CONFIG_NAME,
-    WEIGHTS_NAME,
     ArtifactError,
     decode_program_name,
     prefill_program_name,
     verify_file,
+    weights_name,
 )
 from .exporters.neuron_config import Gemma3NeuronConfig
 from .generation import left_align
 from .modeling import Gemma3Decoder, text_config
 from .modeling.program import cache_tensors, canonical
-from .weights import check_tensors, load_decoder_state_dict
+from .weights import check_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -69,54 +69,88 @@ def check_versions(neuron_config: Gemma3NeuronConfig, versions: dict[str, str], 
             )
 
 
+class RankEngine:
+    """One rank's programs, weights and KV caches: runs already padded, bucket-sized inputs.
+
+    With one rank this is the whole model; with `tp_degree > 1` each rank process of a
+    `RankPool` holds one, and the programs' collectives connect them.
+    """
+
+    def __init__(self, folder: Path, rank: int = 0, token: str | bool | None = None):
+        nc = load_neuron_config(folder)
+        text = text_config(AutoConfig.from_pretrained(folder))
+        backend = backend_for_target(nc.target)
+
+        def program(name: str):
+            return backend.load(verify_file(folder, name, nc.artifact_files.get(name)))
+
+        suffix = backend.program_suffix
+        buckets = nc.context_encoding_buckets
+        self.prefill_programs = {b: program(prefill_program_name(b, suffix)) for b in buckets}
+        self.decode_program = program(decode_program_name(suffix))
+        skeleton = Gemma3Decoder.skeleton(
+            text, nc.batch_size, nc.sequence_length, nc.torch_dtype, nc.tp_degree
+        )
+        self.weights = canonical(_load_rank_weights(folder, nc, text, skeleton, rank, token))
+        self.caches = {name: torch.zeros_like(t) for name, t in cache_tensors(skeleton).items()}
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.prefill_programs[ids.shape[1]](self.weights, self.caches, ids, mask)
+
+    def decode(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.decode_program(self.weights, self.caches, ids, positions)
+
+    def close(self) -> None:
+        """Nothing to stop: the programs and tensors go with the object."""
+
+
+def _load_rank_weights(folder: Path, nc, text, skeleton, rank: int, token) -> dict:
+    """Rank `rank`'s weights from the folder, or sharded from `checkpoint_id` (no weights)."""
+    name = weights_name(rank, nc.tp_degree)
+    if name in nc.artifact_files:
+        path = verify_file(folder, name)
+        try:
+            weights = load_file(path)
+        except (SafetensorError, OSError) as error:
+            raise ArtifactError(f"{path} is not a readable safetensors file: {error}") from error
+    else:
+        # Exported with load_weights=False: the weights come from the source checkpoint.
+        from .exporters.export import rank_state_dicts, resolve_checkpoint
+
+        path = resolve_checkpoint(nc.checkpoint_id, nc.checkpoint_revision, token)
+        weights = rank_state_dicts(path, text, nc)[rank]
+    try:
+        check_tensors(weights, skeleton, path)
+    except ValueError as error:
+        raise ArtifactError(str(error)) from error
+    return weights
+
+
 class Gemma3Runtime:
-    """Programs, weights and caches of one artifact folder."""
+    """A compiled folder ready to run: user-sized batches in, logits out.
+
+    Checks the folder against this host, then runs it on one `RankEngine` in this process,
+    or with `tp_degree > 1` on a `RankPool` of rank processes it starts and stops itself.
+    """
 
     def __init__(self, folder: str | Path, token: str | bool | None = None):
         folder = Path(folder)
         self.folder = folder
         self.neuron_config = nc = load_neuron_config(folder)
         self.config = AutoConfig.from_pretrained(folder)
-        text = text_config(self.config)
-        backend = backend_for_target(nc.target)
-        check_versions(nc, backend.versions(), folder)
-
-        def program(name: str):
-            return backend.load(verify_file(folder, name, nc.artifact_files.get(name)))
-
-        suffix = backend.program_suffix
+        check_versions(nc, backend_for_target(nc.target).versions(), folder)
         self.buckets = list(nc.context_encoding_buckets)
-        self.prefill_programs = {b: program(prefill_program_name(b, suffix)) for b in self.buckets}
-        self.decode_program = program(decode_program_name(suffix))
-
-        skeleton = Gemma3Decoder.skeleton(text, nc.batch_size, nc.sequence_length, nc.torch_dtype)
-        self.weights = canonical(self._load_weights(folder, skeleton, token))
-        self.caches = {name: torch.zeros_like(t) for name, t in cache_tensors(skeleton).items()}
         self.pad_token_id = self.config.get_text_config().pad_token_id or 0
-
-    def _load_weights(self, folder: Path, skeleton, token) -> dict[str, torch.Tensor]:
-        nc = self.neuron_config
-        if WEIGHTS_NAME in nc.artifact_files:
-            path = verify_file(folder, WEIGHTS_NAME)
-            try:
-                weights = load_file(path)
-            except (SafetensorError, OSError) as error:
-                raise ArtifactError(
-                    f"{path} is not a readable safetensors file: {error}"
-                ) from error
+        if nc.tp_degree == 1:
+            self.engine = RankEngine(folder, token=token)
         else:
-            # Exported with load_weights=False: the weights come from the source checkpoint.
-            from .exporters.export import resolve_checkpoint
+            from .ranks import RankPool
 
-            path = resolve_checkpoint(nc.checkpoint_id, nc.checkpoint_revision, token)
-            weights = load_decoder_state_dict(
-                path, nc.torch_dtype, tied=skeleton.config.tie_word_embeddings
-            )
-        try:
-            check_tensors(weights, skeleton, path)
-        except ValueError as error:
-            raise ArtifactError(str(error)) from error
-        return weights
+            self.engine = RankPool(folder, nc, token)
+
+    def close(self) -> None:
+        """Stop the rank processes of a tensor-parallel model (also done when collected)."""
+        self.engine.close()
 
     @property
     def batch_size(self) -> int:
@@ -159,8 +193,7 @@ class Gemma3Runtime:
         bucket = self.bucket_for(int(attention_mask.sum(-1).max()))
         ids, mask = left_align(input_ids, attention_mask, self.pad_token_id, bucket)
         ids, mask = self._pad_batch(ids, self.pad_token_id), self._pad_batch(mask, 0)
-        logits = self.prefill_programs[bucket](self.weights, self.caches, ids, mask)
-        return logits[:rows]
+        return self.engine.prefill(ids, mask)[:rows]
 
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits `[rows, V]` for one new token per row at `positions`; updates the caches."""
@@ -171,5 +204,4 @@ class Gemma3Runtime:
                 f"{self.sequence_length}."
             )
         ids = self._pad_batch(input_ids, self.pad_token_id)
-        logits = self.decode_program(self.weights, self.caches, ids, self._pad_batch(positions, 0))
-        return logits[:rows]
+        return self.engine.decode(ids, self._pad_batch(positions, 0))[:rows]

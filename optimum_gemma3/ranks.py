@@ -1,0 +1,196 @@
+"""Tensor-parallel ranks on the `cpu` backend: one process per rank, started and stopped here.
+
+Each rank process joins a gloo process group (the default group the compiled programs'
+collectives run on), loads its `RankEngine` (programs, its weight shard, its caches) and
+then serves commands from the parent: every command goes to all ranks, which run the
+same program in lockstep; rank 0 writes the gathered logits into a shared-memory buffer.
+The user's process never joins the process group, so its own torch.distributed state is
+untouched.
+
+Failure and shutdown: the parent waits on the ranks' replies and on their process
+sentinels together, so a rank that dies (killed, out of memory) fails the call at once
+with its exit code, and the other ranks are stopped. `close()`, garbage collection of the
+pool and interpreter exit (a `weakref.finalize`) stop every rank; a rank whose parent
+vanishes sees its command pipe close and exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import traceback
+import weakref
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+logger = logging.getLogger(__name__)
+
+STOP_TIMEOUT_S = 10.0
+
+
+class TensorParallelError(RuntimeError):
+    """A rank process failed or died: the model cannot continue and must be reloaded."""
+
+
+def _rank_main(rank: int, degree: int, folder: str, token, store: str, conn, logits) -> None:
+    """A rank process: join the group, load this rank's engine, serve commands until told."""
+    from .runtime import RankEngine
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // degree))
+    try:
+        dist.init_process_group(
+            "gloo", store=dist.FileStore(store, degree), rank=rank, world_size=degree
+        )
+        engine = RankEngine(Path(folder), rank, token)
+        conn.send(("ready", None))
+    except Exception:  # reported to the parent, which raises it
+        conn.send(("error", traceback.format_exc()))
+        return
+    with torch.inference_mode():
+        while True:
+            try:
+                command, args = conn.recv()
+            except EOFError:  # the parent is gone
+                break
+            if command == "stop":
+                break
+            try:
+                out = getattr(engine, command)(*args)
+                if rank == 0:
+                    logits.copy_(out)
+                conn.send(("ok", None))
+            except Exception:
+                conn.send(("error", traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+def _stop(processes: list, conns: list[Connection], store_dir: str) -> None:
+    """Ask every rank to stop, then terminate and finally kill any that does not."""
+    for conn in conns:
+        try:
+            conn.send(("stop", None))
+        except (OSError, ValueError):
+            pass
+    for process in processes:
+        process.join(timeout=STOP_TIMEOUT_S)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+            process.join(timeout=STOP_TIMEOUT_S)
+        if process.is_alive():
+            process.kill()
+            process.join()
+    for conn in conns:
+        conn.close()
+    shutil.rmtree(store_dir, ignore_errors=True)
+
+
+class RankPool:
+    """`tp_degree` rank processes running one compiled folder, driven like one `RankEngine`."""
+
+    def __init__(self, folder: Path, neuron_config, token: str | bool | None = None):
+        degree = neuron_config.tp_degree
+        context = mp.get_context("spawn")
+        vocab = _vocab_size(folder)
+        # Rank 0 writes each call's logits here; the parent reads them without a copy over
+        # the pipe (a [batch, 262144] fp32 block per token).
+        self._logits = torch.empty(
+            neuron_config.batch_size, vocab, dtype=neuron_config.torch_dtype
+        ).share_memory_()
+        store_dir = tempfile.mkdtemp(prefix="optimum-gemma3-tp-")
+        self._processes, self._conns = [], []
+        for rank in range(degree):
+            parent_end, child_end = context.Pipe()
+            process = context.Process(
+                target=_rank_main,
+                args=(
+                    rank,
+                    degree,
+                    str(folder),
+                    token,
+                    f"{store_dir}/store",
+                    child_end,
+                    self._logits,
+                ),
+                name=f"optimum-gemma3-tp-rank-{rank}",
+                daemon=True,
+            )
+            process.start()
+            child_end.close()
+            self._processes.append(process)
+            self._conns.append(parent_end)
+        self._stop = weakref.finalize(self, _stop, self._processes, self._conns, store_dir)
+        logger.info("started %d tensor-parallel rank processes", degree)
+        self._collect("load")
+
+    @property
+    def pids(self) -> list[int]:
+        return [process.pid for process in self._processes]
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self._call("prefill", ids, mask)
+
+    def decode(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self._call("decode", ids, positions)
+
+    def close(self) -> None:
+        self._stop()
+
+    def _call(self, command: str, *args: torch.Tensor) -> torch.Tensor:
+        if not self._stop.alive:
+            raise TensorParallelError(
+                "The tensor-parallel ranks of this model were stopped (closed, or a rank "
+                "failed earlier): load the model again."
+            )
+        for conn in self._conns:
+            try:
+                conn.send((command, args))
+            except OSError:  # a dead rank's pipe: its sentinel reports it below
+                pass
+        self._collect(command)
+        return self._logits.clone()
+
+    def _collect(self, command: str) -> None:
+        """Wait for every rank's reply; a death or an error stops all ranks and raises."""
+        pending = dict(zip(self._conns, range(len(self._conns)), strict=True))
+        sentinels = {p.sentinel: rank for rank, p in enumerate(self._processes)}
+        while pending:
+            for ready in wait([*pending, *sentinels]):
+                if ready in sentinels:
+                    self._fail_dead(sentinels[ready], command)
+                try:
+                    status, detail = ready.recv()
+                except EOFError:  # the rank is exiting
+                    self._fail_dead(pending[ready], command)
+                rank = pending.pop(ready)
+                if status == "error":
+                    # A collective fails on the survivors when a peer dies: name the death.
+                    for dead in wait(list(sentinels), timeout=2.0):
+                        self._fail_dead(sentinels[dead], command)
+                    self._stop()
+                    raise TensorParallelError(
+                        f"Tensor-parallel rank {rank} failed during {command}; the ranks were "
+                        f"stopped.\n{detail}"
+                    )
+
+    def _fail_dead(self, rank: int, command: str):
+        process = self._processes[rank]
+        process.join(timeout=STOP_TIMEOUT_S)
+        self._stop()
+        raise TensorParallelError(
+            f"Tensor-parallel rank {rank} (pid {process.pid}) exited with code "
+            f"{process.exitcode} during {command}; the other ranks were stopped. "
+            "Load the model again to continue."
+        )
+
+
+def _vocab_size(folder: Path) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(folder).get_text_config().vocab_size
