@@ -39,7 +39,14 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 
 from .compiler import backend_for_target
-from .exporters.artifacts import NEURON_CONFIG_NAME, PROGRAMS_DIR, TOKENIZER_FILES, ArtifactError
+from .exporters.artifacts import (
+    NEURON_CONFIG_NAME,
+    PROGRAMS_DIR,
+    RANK_WEIGHTS_DIR,
+    TOKENIZER_FILES,
+    ArtifactError,
+    weights_name,
+)
 from .runtime import check_versions, load_neuron_config
 
 if TYPE_CHECKING:
@@ -52,9 +59,10 @@ MODEL_CARD_NAME = "README.md"
 # an AutoModelForCausalLM snippet that cannot load compiled programs.
 LIBRARY_NAME = "optimum-neuron"
 # Remote files a push replaces wholesale: programs of an earlier push (other buckets, say)
-# must not linger for every download to fetch. Only `compiled/` is ours alone; other remote
-# files (a LICENSE, a checkpoint's weight shards on the branch) are kept.
-STALE_PATTERNS = [f"{PROGRAMS_DIR}/*"]
+# must not linger for every download to fetch. Only `compiled/` and `weights/` (per-rank
+# shards) are ours alone; other remote files (a LICENSE, a checkpoint's weight shards on
+# the branch) are kept.
+STALE_PATTERNS = [f"{PROGRAMS_DIR}/*", f"{RANK_WEIGHTS_DIR}/*"]
 LOGIN_HINT = "pass token=... (a token that can read it) or log in with `hf auth login`"
 
 
@@ -131,7 +139,7 @@ def _card_body(
         ("torch_dtype", nc.dtype_name),
         ("target", nc.target),
         ("tp_degree", nc.tp_degree),
-        ("weights", "included" if "model.safetensors" in nc.artifact_files else
+        ("weights", "included" if weights_name(0, nc.tp_degree) in nc.artifact_files else
             f"loaded from `{nc.checkpoint_id}` at load time"),
         ("optimum-gemma3", recorded["optimum_gemma3_version"]),
         ("optimum-neuron", recorded["optimum_neuron_version"]),

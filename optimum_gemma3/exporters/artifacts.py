@@ -6,6 +6,8 @@ compiled/prefill_<N>.pt2 one program per prefill bucket (suffix set by the backe
 compiled/decode.pt2      the one-token program
 model.safetensors        the decoder's weights in the export dtype (when exported with
                          load_weights=True; otherwise loaded from checkpoint_id)
+weights/tp_rank_<r>.safetensors
+                         instead of model.safetensors with tp_degree > 1: rank r's shard
 tokenizer files, generation_config.json, README.md (when available)
 """
 
@@ -20,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 PROGRAMS_DIR = "compiled"
+RANK_WEIGHTS_DIR = "weights"
 WEIGHTS_NAME = "model.safetensors"
 NEURON_CONFIG_NAME = "neuron_config.json"
 TOKENIZER_FILES = (
@@ -35,6 +38,11 @@ TOKENIZER_FILES = (
 
 class ArtifactError(RuntimeError):
     """A compiled folder that cannot be used: missing, corrupt or built by other versions."""
+
+
+def weights_name(rank: int, tp_degree: int) -> str:
+    """The weights file of one rank: the whole model when there is one rank."""
+    return WEIGHTS_NAME if tp_degree == 1 else f"{RANK_WEIGHTS_DIR}/tp_rank_{rank}.safetensors"
 
 
 def prefill_program_name(bucket: int, suffix: str) -> str:

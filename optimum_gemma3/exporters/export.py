@@ -10,10 +10,12 @@ is renamed into place only when complete.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from pathlib import Path
 
+import torch
 from huggingface_hub import snapshot_download
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -21,14 +23,15 @@ from transformers import AutoConfig, GenerationConfig
 
 from ..compiler import backend_for_target
 from ..modeling import Gemma3Decoder, text_config
+from ..modeling.parallel import shard_state_dict, tracing_process_group
 from ..modeling.program import DECODE, PREFILL, PROGRAM_FORMAT, GraphProgram, example_inputs
 from ..weights import check_tensors, load_decoder_state_dict
 from .artifacts import (
     TOKENIZER_FILES,
-    WEIGHTS_NAME,
     decode_program_name,
     prefill_program_name,
     sha256_file,
+    weights_name,
     write_folder_atomically,
 )
 from .compile_cache import compile_cached, program_key
@@ -79,8 +82,8 @@ def export_to_folder(
             text, neuron_config, backend, versions, folder
         )
         if load_weights:
-            _write_weights(checkpoint, text, neuron_config, folder)
-            neuron_config.artifact_files[WEIGHTS_NAME] = None
+            for name in _write_weights(checkpoint, text, neuron_config, folder):
+                neuron_config.artifact_files[name] = None  # safetensors checks its own layout
         neuron_config.save_pretrained(folder)
 
     return write_folder_atomically(destination, fill)
@@ -88,8 +91,13 @@ def export_to_folder(
 
 def _compile_programs(text, neuron_config, backend, versions, folder: Path) -> dict[str, str]:
     """Compile (or fetch from the compile cache) every program; return their checksums."""
+    tp_degree = neuron_config.tp_degree
     decoder = Gemma3Decoder.skeleton(
-        text, neuron_config.batch_size, neuron_config.sequence_length, neuron_config.torch_dtype
+        text,
+        neuron_config.batch_size,
+        neuron_config.sequence_length,
+        neuron_config.torch_dtype,
+        tp_degree,
     )
     jobs = [
         (PREFILL, b, prefill_program_name(b, backend.program_suffix))
@@ -106,33 +114,46 @@ def _compile_programs(text, neuron_config, backend, versions, folder: Path) -> d
         "target": neuron_config.target,
         "program_format": PROGRAM_FORMAT,
     }
-    for kind, length, name in tqdm(jobs, desc="compile", unit="graph"):
-        key = program_key(text.to_dict(), {"kind": kind, "length": length, **shape}, versions)
-        program = GraphProgram(decoder, kind)
-        inputs = example_inputs(decoder, kind, length)
-        hit = compile_cached(
-            key,
-            backend.program_suffix,
-            folder / name,
-            lambda path, p=program, i=inputs: backend.compile(p, i, path),
-        )
-        logger.info("%s: %s", name, "from compile cache" if hit else "compiled")
-        checksums[name] = sha256_file(folder / name)
+    # One program serves every rank; tracing a sharded graph needs a process group.
+    group = tracing_process_group() if tp_degree > 1 else contextlib.nullcontext()
+    with group:
+        for kind, length, name in tqdm(jobs, desc="compile", unit="graph"):
+            key = program_key(text.to_dict(), {"kind": kind, "length": length, **shape}, versions)
+            program = GraphProgram(decoder, kind)
+            inputs = example_inputs(decoder, kind, length)
+            hit = compile_cached(
+                key,
+                backend.program_suffix,
+                folder / name,
+                lambda path, p=program, i=inputs: backend.compile(p, i, path),
+            )
+            logger.info("%s: %s", name, "from compile cache" if hit else "compiled")
+            checksums[name] = sha256_file(folder / name)
     return checksums
 
 
-def _write_weights(checkpoint: Path, text, neuron_config, folder: Path) -> None:
-    """The decoder's tensors, renamed and cast, checked against the graph's expectations."""
+def _write_weights(checkpoint: Path, text, neuron_config, folder: Path) -> list[str]:
+    """Each rank's tensors, renamed, cast and checked against its graph; the files written."""
+    names = []
+    for rank, shard in enumerate(rank_state_dicts(checkpoint, text, neuron_config)):
+        name = weights_name(rank, neuron_config.tp_degree)
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        save_file(shard, folder / name, metadata={"format": "pt"})
+        names.append(name)
+    return names
+
+
+def rank_state_dicts(checkpoint: Path, text, neuron_config) -> list[dict[str, torch.Tensor]]:
+    """The checkpoint's decoder tensors in the export dtype, split into one dict per rank."""
+    tp_degree = neuron_config.tp_degree
     state_dict = load_decoder_state_dict(
         checkpoint, neuron_config.torch_dtype, tied=text.tie_word_embeddings
     )
     skeleton = Gemma3Decoder.skeleton(text, 1, 1, neuron_config.torch_dtype)
     check_tensors(state_dict, skeleton, checkpoint)
-    save_file(
-        {k: v.contiguous() for k, v in state_dict.items()},
-        folder / WEIGHTS_NAME,
-        metadata={"format": "pt"},
-    )
+    if tp_degree == 1:
+        return [{k: v.contiguous() for k, v in state_dict.items()}]
+    return shard_state_dict(state_dict, text, tp_degree)
 
 
 def _copy_generation_files(checkpoint: Path, folder: Path) -> None:

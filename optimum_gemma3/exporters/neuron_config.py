@@ -18,6 +18,7 @@ from optimum.neuron.version import __version__ as optimum_neuron_version
 
 from .. import __version__
 from ..compiler import NEURON_TARGETS, TARGETS
+from ..modeling.parallel import TensorParallelLayout
 
 SUPPORTED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "float": "float32"}
@@ -147,11 +148,7 @@ class Gemma3NeuronConfig(NxDNeuronConfig):
             raise ValueError(
                 f"Unknown target {self.target!r}: expected one of {', '.join(TARGETS)}."
             )
-        if self.tp_degree != 1:
-            raise ValueError(
-                f"tp_degree={self.tp_degree} is not supported yet: only 1 (tensor parallelism "
-                "is planned)."
-            )
+        TensorParallelLayout.for_config(text_config, self.tp_degree)  # names what fails
         buckets = self.context_encoding_buckets
         if not buckets or any(not _positive(b) for b in buckets) or buckets != sorted(set(buckets)):
             raise ValueError(
