@@ -2,18 +2,19 @@
 
     python scripts/benchmark.py [--dtype float32 bfloat16] [--batch-sizes 1 4]
                                 [--prompt-lengths 32 512 2000] [--sequence-length N]
-                                [--new-tokens 32]
+                                [--new-tokens 32] [--tp-degrees 1 2]
                                 [--repeats 3] [--decode-scaling 512 4096] [--json OUT]
 
-For each dtype and batch size: export (timed; a compile-cache hit is reported as such),
-reload in this process (timed), then alternately run transformers (same dtype, its
-default sdpa attention and dynamic cache, greedy) and our model, `--repeats` times, and
-report medians: time to first token per prompt length, decode ms/token, tokens/s, and
-the ratio ours/transformers. The memory-bandwidth floor is measured in the same run: one
-decode step must read every weight once, so `weights bytes / bandwidth` is the fastest a
-step can be; the table shows what fraction of that floor each side reaches.
+For each dtype, batch size and tensor-parallel degree: export (timed; a compile-cache
+hit is reported as such), reload in this process (timed), then alternately run
+transformers (same dtype, its default sdpa attention and dynamic cache, greedy) and our
+model, `--repeats` times, and report medians: time to first token per prompt length,
+decode ms/token, tokens/s, and the ratio ours/transformers. The memory-bandwidth floor
+is measured in the same run: one decode step must read every weight once, so `weights
+bytes / bandwidth` is the fastest a step can be; the table shows what fraction of that
+floor each side reaches.
 `--decode-scaling` exports decode programs for several sequence lengths and times a step
-at the same context: caches updated in place keep the time flat.
+at the same context, to show what a longer compiled cache costs a step.
 """
 
 from __future__ import annotations
@@ -75,8 +76,9 @@ def measure(generate, prompts: dict[int, dict], new_tokens: int) -> dict:
     return {"ttft_s": ttft, "decode_ms": 1000 * decode}
 
 
-def run_config(args, model_dir, dtype_name, batch, bandwidth) -> dict:
+def run_config(args, model_dir, dtype_name, batch, tp_degree, bandwidth) -> dict:
     dtype = DTYPES[dtype_name]
+    folder = args.workdir / f"{dtype_name}-b{batch}-tp{tp_degree}"
     longest = max(args.prompt_lengths)
     # One prefill bucket per prompt length, so TTFT measures exactly that prompt length.
     config = Gemma3NeuronModelForCausalLM.get_neuron_config(
@@ -87,18 +89,19 @@ def run_config(args, model_dir, dtype_name, batch, bandwidth) -> dict:
         torch_dtype=dtype_name,
         instance_type="cpu",
         context_encoding_buckets=sorted(args.prompt_lengths),
+        tensor_parallel_size=tp_degree,
     )
     process = psutil.Process()
     rss = process.memory_info().rss
     export_s = timed(
-        lambda: Gemma3NeuronModelForCausalLM.export(model_dir, config).save_pretrained(
-            args.workdir / f"{dtype_name}-b{batch}"
-        )
+        lambda: Gemma3NeuronModelForCausalLM.export(model_dir, config).save_pretrained(folder)
     )
     start = time.perf_counter()
-    ours = Gemma3NeuronModelForCausalLM.from_pretrained(args.workdir / f"{dtype_name}-b{batch}")
+    ours = Gemma3NeuronModelForCausalLM.from_pretrained(folder)
     reload_s = time.perf_counter() - start
-    ours_rss = process.memory_info().rss - rss
+    # Tensor-parallel ranks are child processes: their memory is ours too.
+    ranks_rss = sum(child.memory_info().rss for child in process.children(recursive=True))
+    ours_rss = process.memory_info().rss - rss + ranks_rss
     rss = process.memory_info().rss
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     hf_rss = process.memory_info().rss - rss
@@ -117,11 +120,18 @@ def run_config(args, model_dir, dtype_name, batch, bandwidth) -> dict:
     for _ in range(args.repeats):  # alternate, so drift affects both sides alike
         runs["transformers"].append(measure(hf_generate, prompts, args.new_tokens))
         runs["ours"].append(measure(ours_generate, prompts, args.new_tokens))
-    weights_bytes = sum(t.numel() * t.element_size() for t in ours.runtime.weights.values())
+    folder = ours.runtime.folder
+    weights_bytes = sum(
+        (folder / name).stat().st_size
+        for name in ours.neuron_config.artifact_files
+        if name.endswith(".safetensors")
+    )
     floor_ms = 1000 * weights_bytes / (bandwidth * 1e9)
+    ours.runtime.close()  # stops tensor-parallel rank processes before the next config
     result = {
         "dtype": dtype_name,
         "batch": batch,
+        "tp_degree": tp_degree,
         "export_s": export_s,
         "reload_s": reload_s,
         "rss_mb": {"ours": ours_rss / 2**20, "transformers": hf_rss / 2**20},
@@ -170,8 +180,9 @@ def print_table(results: list[dict], bandwidth: float) -> None:
     for r in results:
         o, t = r["ours"], r["transformers"]
         print(
-            f"\n{r['dtype']}, batch {r['batch']}: export {r['export_s']:.0f} s, reload "
-            f"{r['reload_s']:.2f} s, RSS ours {r['rss_mb']['ours']:.0f} MB / transformers "
+            f"\n{r['dtype']}, batch {r['batch']}, tp {r['tp_degree']}: export "
+            f"{r['export_s']:.0f} s, reload {r['reload_s']:.2f} s, RSS ours "
+            f"{r['rss_mb']['ours']:.0f} MB / transformers "
             f"{r['rss_mb']['transformers']:.0f} MB, floor {r['floor_ms']:.1f} ms/step"
         )
         print(f"  {'metric':<22}{'transformers':>14}{'ours':>10}{'speed-up':>10}")
@@ -201,6 +212,13 @@ def main() -> None:
         help="compiled length (default: longest prompt + new tokens + 8)",
     )
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument(
+        "--tp-degrees",
+        nargs="+",
+        type=int,
+        default=[1],
+        help="tensor_parallel_size values (rank processes share this machine's cores)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-scaling", nargs="*", type=int, default=[])
     parser.add_argument("--workdir", type=Path, default=Path("benchmarks"))
@@ -213,7 +231,10 @@ def main() -> None:
     model_dir = ensure_checkpoint()
     bandwidth = memory_bandwidth_gbs()
     results = [
-        run_config(args, model_dir, d, b, bandwidth) for d in args.dtype for b in args.batch_sizes
+        run_config(args, model_dir, d, b, tp, bandwidth)
+        for d in args.dtype
+        for b in args.batch_sizes
+        for tp in args.tp_degrees
     ]
     print_table(results, bandwidth)
     report = {"bandwidth_gbs": bandwidth, "threads": torch.get_num_threads(), "runs": results}

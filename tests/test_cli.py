@@ -294,7 +294,7 @@ def test_other_task_is_refused(monkeypatch, capsys, tmp_path):
     [
         (["--sequence_length", "100000"], "sequence_length=100000 exceeds the model's"),
         (["--auto_cast_type", "fp16"], "Gemma-3 activations overflow float16"),
-        (["--num_cores", "2"], "tp_degree=2 is not supported yet"),
+        (["--num_cores", "3"], "tp_degree=3 cannot split this model"),
         (["--instance_type", "trn1", "--sequence_length", "128"], "needs the AWS Neuron SDK"),
     ],
 )
