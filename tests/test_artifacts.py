@@ -152,6 +152,10 @@ def test_export_without_weights_loads_them_from_the_checkpoint(exported, tmp_pat
         (dict(torch_dtype="float16"), "overflow float16; use bfloat16"),
         (dict(instance_type="trn9"), "Unknown instance_type 'trn9'"),
         (dict(tensor_parallel_size=3), r"tp_degree=3 cannot split .* degrees: \[1, 2, 4, 8\]"),
+        (
+            dict(tensor_parallel_size=2, instance_type="trn1", sequence_length=128),
+            "tp_degree=2 on target 'trn1' is not built yet",
+        ),
     ],
 )
 def test_invalid_export_config_names_the_field(tiny_checkpoints, overrides, message):

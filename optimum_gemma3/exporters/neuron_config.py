@@ -149,6 +149,13 @@ class Gemma3NeuronConfig(NxDNeuronConfig):
                 f"Unknown target {self.target!r}: expected one of {', '.join(TARGETS)}."
             )
         TensorParallelLayout.for_config(text_config, self.tp_degree)  # names what fails
+        if self.tp_degree > 1 and self.target in NEURON_TARGETS:
+            raise ValueError(
+                f"tp_degree={self.tp_degree} on target {self.target!r} is not built yet: the "
+                "Neuron path through neuronx-distributed's parallel layers is missing (sharded "
+                "weights must be per-core parameters there, not program inputs). Use "
+                "tp_degree=1 on Neuron, or instance_type='cpu' for tensor parallelism."
+            )
         buckets = self.context_encoding_buckets
         if not buckets or any(not _positive(b) for b in buckets) or buckets != sorted(set(buckets)):
             raise ValueError(
