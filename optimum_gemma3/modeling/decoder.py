@@ -29,8 +29,8 @@ from .layers import (
     RMSNorm,
     RotaryEmbedding,
     apply_rotary,
-    dense,
     grouped_attention,
+    linear,
     linear_class,
 )
 from .parallel import RANK_NAME, TensorParallelLayout, all_reduce, gather_vocab
@@ -230,7 +230,7 @@ class Gemma3Decoder(nn.Module):
         """Head on the final-normed hidden state of one token per row. Tied: the unscaled table."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         if self.layout.degree == 1:
-            return dense(self.norm(h_last), weight)
+            return linear(self.norm(h_last), weight)
         # F.linear: the gathered tensor must not be a custom op's output (RowParallelLinear).
         logits = torch.nn.functional.linear(self.norm(h_last), weight)
         return gather_vocab(logits, getattr(self, RANK_NAME), self.config.vocab_size)

@@ -15,26 +15,30 @@ from transformers.activations import ACT2FN
 from .parallel import all_reduce
 
 
-@torch.library.custom_op("optimum_gemma3::dense", mutates_args=())
-def dense(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`x @ weight.T` with oneDNN's inner product for fp32 on CPU, `F.linear` otherwise.
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`x @ weight.T`: oneDNN's inner product for fp32 on CPU (`dense`), `F.linear` otherwise.
 
     Why: decode multiplies 1-4 rows by each weight, so it is bound by how fast weights
     stream from memory, and on our AMD hosts MKL's sgemm (what `F.linear` and Inductor's
     extern `mm` call) streams at half the rate oneDNN does: the tied 262144x640 head
     takes 87 ms with MKL and 43 ms with oneDNN at batch 1, 210 vs 77 ms at batch 4
-    (README, "Speed"). Inductor only lowers oneDNN linears for constant (frozen) weights,
-    and ours are program inputs, so the call is a custom op that compiled programs run as
-    an extern kernel. bf16 keeps `F.linear` (the kernels transformers' bf16 runs use:
-    oneDNN has no bf16 inner product without AVX512-BF16); other devices (Neuron tracing)
-    see a plain `F.linear`.
+    (README, "Speed"). bf16 keeps `F.linear`: oneDNN has no bf16 inner product without
+    AVX512-BF16, and the kernels are then the ones transformers' bf16 runs use. The choice
+    is made when the graph is traced, so a program holds one or the other; Neuron
+    tracing sees `F.linear`.
     """
-    if (
-        x.dtype != torch.float32
-        or x.device.type != "cpu"
-        or not torch.backends.mkldnn.is_available()
-    ):
-        return F.linear(x, weight)
+    if x.dtype == torch.float32 and x.device.type == "cpu" and torch.backends.mkldnn.is_available():
+        return dense(x, weight)
+    return F.linear(x, weight)
+
+
+@torch.library.custom_op("optimum_gemma3::dense", mutates_args=())
+def dense(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fp32 `x @ weight.T` by oneDNN, as an op compiled programs call as an extern kernel.
+
+    Inductor lowers oneDNN linears only for constant (frozen) weights, and ours are
+    program inputs; a custom op keeps the call opaque to it.
+    """
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     out = torch.ops.mkldnn._linear_pointwise(rows, weight.contiguous(), None, "none", [], "")
     return out.view(*x.shape[:-1], weight.shape[0])
@@ -46,17 +50,17 @@ def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` (same parameter names) computed by `dense`."""
+    """`nn.Linear` (same parameter names) computed by `linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = dense(x, self.weight)
+        out = linear(x, self.weight)
         return out if self.bias is None else out + self.bias
 
 
 class RowParallelLinear(nn.Linear):
     """A rank's slice of the input features: partial products summed over ranks, then bias.
 
-    `F.linear`, not `dense`, because its output enters a collective: a custom op's output
+    `F.linear`, not `linear`, because its output enters a collective: a custom op's output
     is a Python-owned tensor, and gloo's worker thread releasing it needs the GIL that the
     compiled program's caller holds, which deadlocks the rank (seen on torch 2.13).
     """
