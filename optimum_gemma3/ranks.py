@@ -16,12 +16,16 @@ vanishes sees its command pipe close and exits.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import traceback
+import types
 import weakref
+from collections.abc import Iterator
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
@@ -121,7 +125,8 @@ class RankPool:
                 name=f"optimum-gemma3-tp-rank-{rank}",
                 daemon=True,
             )
-            process.start()
+            with _without_main_module():
+                process.start()
             child_end.close()
             self._processes.append(process)
             self._conns.append(parent_end)
@@ -159,35 +164,53 @@ class RankPool:
     def _collect(self, command: str) -> None:
         """Wait for every rank's reply; a death or an error stops all ranks and raises."""
         pending = dict(zip(self._conns, range(len(self._conns)), strict=True))
-        sentinels = {p.sentinel: rank for rank, p in enumerate(self._processes)}
+        sentinels = [p.sentinel for p in self._processes]
         while pending:
             for ready in wait([*pending, *sentinels]):
                 if ready in sentinels:
-                    self._fail_dead(sentinels[ready], command)
+                    self._fail_dead(command)
                 try:
                     status, detail = ready.recv()
-                except EOFError:  # the rank is exiting
-                    self._fail_dead(pending[ready], command)
+                except (EOFError, OSError):  # the rank is exiting
+                    self._fail_dead(command)
                 rank = pending.pop(ready)
                 if status == "error":
                     # A collective fails on the survivors when a peer dies: name the death.
-                    for dead in wait(list(sentinels), timeout=2.0):
-                        self._fail_dead(sentinels[dead], command)
+                    if wait(sentinels, timeout=2.0):
+                        self._fail_dead(command)
                     self._stop()
                     raise TensorParallelError(
                         f"Tensor-parallel rank {rank} failed during {command}; the ranks were "
                         f"stopped.\n{detail}"
                     )
 
-    def _fail_dead(self, rank: int, command: str):
-        process = self._processes[rank]
-        process.join(timeout=STOP_TIMEOUT_S)
+    def _fail_dead(self, command: str):
+        """Raise naming every rank that died, a signal-killed one first (the likely cause)."""
+        wait([p.sentinel for p in self._processes], timeout=2.0)  # let the others fail too
+        dead = [(p.exitcode, rank, p.pid) for rank, p in enumerate(self._processes)]
+        dead = sorted((d for d in dead if d[0] is not None), key=lambda d: (d[0] >= 0, d[1]))
         self._stop()
+        deaths = ", ".join(f"rank {r} (pid {pid}) exited with code {code}" for code, r, pid in dead)
         raise TensorParallelError(
-            f"Tensor-parallel rank {rank} (pid {process.pid}) exited with code "
-            f"{process.exitcode} during {command}; the other ranks were stopped. "
-            "Load the model again to continue."
+            f"Tensor-parallel ranks died during {command}: {deaths}; the other ranks were "
+            "stopped. Load the model again to continue."
         )
+
+
+@contextlib.contextmanager
+def _without_main_module() -> Iterator[None]:
+    """Start spawned ranks without re-importing the user's `__main__` script.
+
+    Spawned children import the parent's main module unless it has no file (as in an
+    interactive session); a script without an `if __name__ == "__main__":` guard would
+    then load the model again in every rank. Ranks need only this package.
+    """
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
 
 
 def _vocab_size(folder: Path) -> int:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import signal
 
@@ -25,6 +26,7 @@ from optimum_gemma3.modeling.parallel import RANK_NAME, TensorParallelLayout, sh
 from optimum_gemma3.ranks import TensorParallelError
 from optimum_gemma3.weights import load_decoder_state_dict
 from tests.parallel_ranks import greedy_rank
+from tests.test_artifacts import run_in_new_process
 from tests.test_parity import NEW_TOKENS, hf_greedy, left_padded_batch
 from tests.tiny_models import load_reference, tiny_tokenizer
 
@@ -131,6 +133,17 @@ def test_tp2_export_generate_reload_and_pipeline(tp2_folder):
     assert rank_processes_alive(pids) == []
 
 
+def test_interpreter_exit_stops_the_ranks(tp2_folder):
+    _, folder = tp2_folder
+    pids = run_in_new_process(
+        "import json\n"
+        "from optimum_gemma3 import Gemma3NeuronModelForCausalLM as M\n"
+        f"m = M.from_pretrained({str(folder)!r})\n"
+        "print(json.dumps(m.runtime.engine.pids))\n"  # exits without closing the model
+    )
+    assert rank_processes_alive(json.loads(pids)) == []
+
+
 class KillRank(StoppingCriteria):
     """Kills one rank process on the `at`-th decode step, as an out-of-memory kill would."""
 
@@ -149,7 +162,8 @@ def test_a_killed_rank_fails_the_call_clearly_and_leaves_no_process(tp2_folder):
     model = Gemma3NeuronModelForCausalLM.from_pretrained(folder)
     pids = model.runtime.engine.pids
     ids = torch.tensor([[2, 10, 11, 12]])
-    with pytest.raises(TensorParallelError, match=r"rank 1 \(pid \d+\) exited with code -9"):
+    death = r"died during decode: rank 1 \(pid \d+\) exited with code -9"
+    with pytest.raises(TensorParallelError, match=death):
         model.generate(
             input_ids=ids,
             max_new_tokens=20,

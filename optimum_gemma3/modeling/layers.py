@@ -14,6 +14,9 @@ from transformers.activations import ACT2FN
 
 from .parallel import all_reduce
 
+# Read once: torch.export cannot trace into torch.backends.mkldnn.is_available().
+ONEDNN = torch.backends.mkldnn.is_available()
+
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`x @ weight.T`: oneDNN's inner product for fp32 on CPU (`dense`), `F.linear` otherwise.
@@ -27,7 +30,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     is made when the graph is traced, so a program holds one or the other; Neuron
     tracing sees `F.linear`.
     """
-    if x.dtype == torch.float32 and x.device.type == "cpu" and torch.backends.mkldnn.is_available():
+    if x.dtype == torch.float32 and x.device.type == "cpu" and ONEDNN:
         return dense(x, weight)
     return F.linear(x, weight)
 
