@@ -44,14 +44,19 @@ class TensorParallelError(RuntimeError):
 
 def _rank_main(rank: int, degree: int, folder: str, token, store: str, conn, logits) -> None:
     """A rank process: join the group, load this rank's engine, serve commands until told."""
-    from .runtime import RankEngine
+    from transformers import AutoConfig
+
+    from .modeling import text_config
+    from .runtime import RankEngine, load_neuron_config
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // degree))
     try:
         dist.init_process_group(
             "gloo", store=dist.FileStore(store, degree), rank=rank, world_size=degree
         )
-        engine = RankEngine(Path(folder), rank, token)
+        folder = Path(folder)
+        text = text_config(AutoConfig.from_pretrained(folder))
+        engine = RankEngine(folder, load_neuron_config(folder), text, rank, token)
         conn.send(("ready", None))
     except Exception:  # reported to the parent, which raises it
         conn.send(("error", traceback.format_exc()))
@@ -98,14 +103,15 @@ def _stop(processes: list, conns: list[Connection], store_dir: str) -> None:
 class RankPool:
     """`tp_degree` rank processes running one compiled folder, driven like one `RankEngine`."""
 
-    def __init__(self, folder: Path, neuron_config, token: str | bool | None = None):
+    def __init__(
+        self, folder: Path, neuron_config, vocab_size: int, token: str | bool | None = None
+    ):
         degree = neuron_config.tp_degree
         context = mp.get_context("spawn")
-        vocab = _vocab_size(folder)
         # Rank 0 writes each call's logits here; the parent reads them without a copy over
         # the pipe (a [batch, 262144] fp32 block per token).
         self._logits = torch.empty(
-            neuron_config.batch_size, vocab, dtype=neuron_config.torch_dtype
+            neuron_config.batch_size, vocab_size, dtype=neuron_config.torch_dtype
         ).share_memory_()
         store_dir = tempfile.mkdtemp(prefix="optimum-gemma3-tp-")
         self._processes, self._conns = [], []
@@ -211,9 +217,3 @@ def _without_main_module() -> Iterator[None]:
         yield
     finally:
         sys.modules["__main__"] = main
-
-
-def _vocab_size(folder: Path) -> int:
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(folder).get_text_config().vocab_size

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from transformers import AutoConfig
+from transformers import AutoConfig, Gemma3TextConfig
 
 from . import __version__
 from .compiler import backend_for_target
@@ -76,9 +76,14 @@ class RankEngine:
     `RankPool` holds one, and the programs' collectives connect them.
     """
 
-    def __init__(self, folder: Path, rank: int = 0, token: str | bool | None = None):
-        nc = load_neuron_config(folder)
-        text = text_config(AutoConfig.from_pretrained(folder))
+    def __init__(
+        self,
+        folder: Path,
+        nc: Gemma3NeuronConfig,
+        text: Gemma3TextConfig,
+        rank: int = 0,
+        token: str | bool | None = None,
+    ):
         backend = backend_for_target(nc.target)
 
         def program(name: str):
@@ -141,12 +146,13 @@ class Gemma3Runtime:
         check_versions(nc, backend_for_target(nc.target).versions(), folder)
         self.buckets = list(nc.context_encoding_buckets)
         self.pad_token_id = self.config.get_text_config().pad_token_id or 0
+        text = text_config(self.config)
         if nc.tp_degree == 1:
-            self.engine = RankEngine(folder, token=token)
+            self.engine = RankEngine(folder, nc, text, token=token)
         else:
             from .ranks import RankPool
 
-            self.engine = RankPool(folder, nc, token)
+            self.engine = RankPool(folder, nc, text.vocab_size, token)
 
     def close(self) -> None:
         """Stop the rank processes of a tensor-parallel model (also done when collected)."""
