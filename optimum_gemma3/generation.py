@@ -46,7 +46,8 @@ def left_align(
 @dataclass
 class GenerationOutput:
     sequences: torch.Tensor  # [B, prompt + generated]: prompt as given, then new tokens
-    logits: torch.Tensor  # [B, generated, V]: raw fp32 logits each new token was chosen from
+    # [B, generated, V]: raw fp32 logits each new token was chosen from (empty unless kept)
+    logits: torch.Tensor
 
 
 def decode_loop(
@@ -63,6 +64,7 @@ def decode_loop(
     streamer=None,
     prompt_length: int | None = None,
     forced_tokens: torch.Tensor | None = None,
+    output_logits: bool = False,
 ) -> GenerationOutput:
     """transformers' sampling/greedy loop (`GenerationMixin._sample`) over the two graphs.
 
@@ -71,7 +73,8 @@ def decode_loop(
     draws; finished rows continue with `pad_token_id`; `stopping_criteria(ids, scores)`
     marks rows done (EOS, max length, stop strings); the loop ends when all are done.
     `prompt_length` pads prompts on the left to a prefill bucket; `forced_tokens` ([B, N])
-    teacher-forces the continuation (the logits stay the model's).
+    teacher-forces the continuation (the logits stay the model's). The logits of every
+    step (`[B, V]` each: 1 MB per row in fp32) are kept only with `output_logits`.
     """
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
     ids, mask = left_align(
@@ -86,7 +89,8 @@ def decode_loop(
     logits = prefill(ids, mask)
     for step in range(max_new_tokens):
         logits = logits.float()
-        all_logits.append(logits)
+        if output_logits:
+            all_logits.append(logits)
         scores = logits if logits_processor is None else logits_processor(sequences, logits)
         if forced_tokens is not None:
             token = forced_tokens[:, step]
@@ -124,7 +128,7 @@ def greedy_generate(
     prompt_length: int | None = None,
     forced_tokens: torch.Tensor | None = None,
 ) -> GenerationOutput:
-    """Greedy decoding with EOS handling only: the reference path of tests and scripts."""
+    """Greedy decoding with EOS handling only, keeping logits: the path of tests and scripts."""
     return decode_loop(
         prefill,
         decode,
@@ -135,4 +139,5 @@ def greedy_generate(
         eos_token_id,
         prompt_length=prompt_length,
         forced_tokens=forced_tokens,
+        output_logits=True,
     )
