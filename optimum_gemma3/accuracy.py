@@ -55,3 +55,40 @@ def logit_tolerance_violations(ours: torch.Tensor, reference: torch.Tensor) -> d
 
 def logits_within_tolerance(ours: torch.Tensor, reference: torch.Tensor) -> bool:
     return all(v <= 1.0 for v in logit_tolerance_violations(ours, reference).values())
+
+
+def logit_error(logits: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
+    """How far low-precision logits `[..., V]` are from fp32 logits of the same tokens.
+
+    Means, not worst cases, so that the comparison is stable: `mean_abs` over the whole
+    vocabulary, `top5` over the fp32 top-5 logits of each step (the ones sampling sees);
+    `top1`: the fraction of steps whose argmax agrees.
+    """
+    logits, truth = logits.float(), truth.float()
+    top5 = truth.topk(5, dim=-1).indices
+    return {
+        "mean_abs": (logits - truth).abs().mean().item(),
+        "top5": (logits.gather(-1, top5) - truth.gather(-1, top5)).abs().mean().item(),
+        "top1": (logits.argmax(-1) == truth.argmax(-1)).float().mean().item(),
+    }
+
+
+def less_accurate_than(
+    ours: torch.Tensor, reference: torch.Tensor, truth: torch.Tensor, slack: float = 0.1
+) -> list[str]:
+    """Where bf16 `ours` is further from fp32 `truth` than bf16 `reference` is, by more than
+    `slack` (relative for errors, absolute for argmax agreement); empty when it is not.
+
+    The check for bf16 graphs whose products round differently from transformers' (our CPU
+    kernels): transformers' bf16 logits are themselves several times the per-top-k
+    tolerances away from fp32, so tolerances against them only hold for op-for-op copies.
+    """
+    mine, theirs = logit_error(ours, truth), logit_error(reference, truth)
+    problems = [
+        f"{name}: ours {mine[name]:.4g} vs reference {theirs[name]:.4g}"
+        for name in ("mean_abs", "top5")
+        if mine[name] > theirs[name] * (1 + slack)
+    ]
+    if mine["top1"] < theirs["top1"] - slack:
+        problems.append(f"top1: ours {mine['top1']:.3f} vs reference {theirs['top1']:.3f}")
+    return problems

@@ -3,9 +3,10 @@
 `torch.export` (strict) captures the static-shape program, then AOTInductor compiles it to
 a shared library packaged in a `.pt2` archive, which loads without this package's model
 source or a Python-level graph interpreter. Weights and caches are program inputs, so the
-library holds no weights. Measured on the real 270M (see README): the AOTInductor program
-decodes several times faster than interpreting the exported graph, whose per-op Python
-overhead dominates at batch 1.
+library holds no weights. Graphs are traced with this host's CPU kernels
+(`modeling.layers.CpuKernels`), which are loaded before any program runs. Measured on
+the real 270M (see README): the AOTInductor program decodes several times faster than
+interpreting the exported graph, whose per-op Python overhead dominates at batch 1.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ..modeling import kernels
+from ..modeling.layers import CpuKernels, tracing_with
 from .base import CompilerBackend, Program
 
 logger = logging.getLogger(__name__)
@@ -25,8 +28,17 @@ class CpuBackend(CompilerBackend):
     name = "cpu"
     program_suffix = ".pt2"
 
+    def __init__(self):
+        self.cpu_kernels = CpuKernels.for_host()
+
     def versions(self) -> dict[str, str]:
-        return {"compiler": "torch-aotinductor", "compiler_version": torch.__version__}
+        # cpu_kernels is part of compile-cache keys: hosts without the kernels trace
+        # different graphs.
+        return {
+            "compiler": "torch-aotinductor",
+            "compiler_version": torch.__version__,
+            "cpu_kernels": repr(self.cpu_kernels),
+        }
 
     def compile(self, program: torch.nn.Module, example_inputs: tuple, path: Path) -> None:
         with warnings.catch_warnings():
@@ -36,8 +48,10 @@ class CpuBackend(CompilerBackend):
             warnings.filterwarnings(
                 "ignore", message="While compiling, we found certain side effects"
             )
-            exported = torch.export.export(program, example_inputs, strict=True)
+            with tracing_with(self.cpu_kernels):
+                exported = torch.export.export(program, example_inputs, strict=True)
         torch._inductor.aoti_compile_and_package(exported, package_path=str(path))
 
     def load(self, path: Path) -> Program:
+        kernels.load()  # programs call them through the dispatcher
         return torch._inductor.aoti_load_package(str(path))

@@ -7,30 +7,81 @@ cast back before multiplying by V (as transformers' eager attention does).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from . import kernels
 from .parallel import all_reduce
 
-# Read once: torch.export cannot trace into torch.backends.mkldnn.is_available().
-ONEDNN = torch.backends.mkldnn.is_available()
+# Decode-sized products (batch rows x 1 token) go to `skinny_linear` up to this many rows.
+SKINNY_MAX_ROWS = 8
+
+
+@dataclass(frozen=True)
+class CpuKernels:
+    """How the `cpu` backend's graphs compute products on this host (`CpuBackend` traces
+    with `for_host()`; everything else, Neuron tracing and eager runs, with the defaults).
+
+    The choice is made when a graph is traced, so a program holds one product or the
+    other, and graphs traced for Neuron see plain `F.linear` and transformers' attention.
+    """
+
+    skinny_linear: bool = False  # torch.ops.optimum_gemma3.skinny_linear (modeling/kernels)
+    onednn: bool = False  # oneDNN's inner product for fp32 products of many rows
+    # No bf16 matmul instructions: bf16 products of many rows (prefill projections,
+    # attention) are computed from fp32 copies and rounded once (see `linear`).
+    bf16_products_in_fp32: bool = False
+
+    @classmethod
+    def for_host(cls) -> CpuKernels:
+        return cls(
+            skinny_linear=kernels.load(),
+            onednn=torch.backends.mkldnn.is_available(),
+            bf16_products_in_fp32=not torch.backends.mkldnn.is_available()
+            or not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+        )
+
+
+_cpu_kernels = CpuKernels()
+
+
+@contextlib.contextmanager
+def tracing_with(cpu_kernels: CpuKernels) -> Iterator[None]:
+    """Trace graphs that call `cpu_kernels` inside this block."""
+    global _cpu_kernels
+    previous, _cpu_kernels = _cpu_kernels, cpu_kernels
+    try:
+        yield
+    finally:
+        _cpu_kernels = previous
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`x @ weight.T`: oneDNN's inner product for fp32 on CPU (`dense`), `F.linear` otherwise.
+    """`x @ weight.T`, by the fastest product the tracing host has for this shape.
 
-    Why: decode multiplies 1-4 rows by each weight, so it is bound by how fast weights
-    stream from memory, and on our AMD hosts MKL's sgemm (what `F.linear` and Inductor's
-    extern `mm` call) streams at half the rate oneDNN does: the tied 262144x640 head
-    takes 87 ms with MKL and 43 ms with oneDNN at batch 1, 210 vs 77 ms at batch 4
-    (README, "Speed"). bf16 keeps `F.linear`: oneDNN has no bf16 inner product without
-    AVX512-BF16, and the kernels are then the ones transformers' bf16 runs use. The choice
-    is made when the graph is traced, so a program holds one or the other; Neuron
-    tracing sees `F.linear`.
+    Why: decode multiplies 1-8 rows by each weight, so it is bound by how fast weights
+    stream from memory, and BLAS streams them slowly here: on our AMD AVX2 hosts MKL's
+    sgemm (what `F.linear` and Inductor's extern `mm` call) reads the tied 262144x640 fp32
+    head at ~8 GB/s, oneDNN at ~17 GB/s for one row but ~7 GB/s for four, and bf16 has no
+    fast path without AVX512-BF16. `skinny_linear` keeps ~15-17 GB/s at 1-8 rows in fp32
+    and bf16 (README, "Speed"). Many-row (prefill) products are compute-bound: oneDNN in
+    fp32 (MKL's sgemm is slower here). In bf16 without bf16 matmul instructions, torch's
+    bf16 GEMM is a generic loop several times slower than fp32's, so the product runs on
+    fp32 copies (exact) and is rounded once: the same fp32-sum, one-rounding contract as
+    a bf16 GEMM, at fp32 speed.
     """
-    if x.dtype == torch.float32 and x.device.type == "cpu" and ONEDNN:
+    rows = x.numel() // x.shape[-1]
+    if _cpu_kernels.skinny_linear and rows <= SKINNY_MAX_ROWS:
+        return torch.ops.optimum_gemma3.skinny_linear(x, weight)
+    if _cpu_kernels.bf16_products_in_fp32 and x.dtype == torch.bfloat16:
+        return linear(x.float(), weight.float()).to(x.dtype)
+    if _cpu_kernels.onednn and x.dtype == torch.float32:
         return dense(x, weight)
     return F.linear(x, weight)
 
@@ -150,7 +201,16 @@ def grouped_attention(
     query heads of a group are stacked instead of copying K and V per query head.
     Masked scores are set to the dtype's lowest finite value (never -inf), so a row with
     nothing to attend to (a padding row) gives finite garbage that is never read.
+
+    bf16 runs as transformers' eager attention does (bf16 products, fp32 softmax), except
+    in `cpu` programs on CPUs without bf16 matmul instructions
+    (`CpuKernels.bf16_products_in_fp32`): there bf16 batched products take a slow path
+    (the 512-token prefill took 15 s, 2.2x transformers' sdpa), so the products and
+    softmax run in fp32 from the bf16 q/k/v and the output is rounded once, like sdpa's
+    fp32 accumulation: faster and more accurate.
     """
+    if _cpu_kernels.bf16_products_in_fp32 and q.dtype == torch.bfloat16:
+        return grouped_attention(q.float(), k.float(), v.float(), mask, scale).to(q.dtype)
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     group = heads // kv_heads

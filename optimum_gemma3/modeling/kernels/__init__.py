@@ -1,0 +1,100 @@
+"""This package's CPU kernels: C++ ops built once per host and torch version, then loaded.
+
+`skinny_linear.cpp` registers `torch.ops.optimum_gemma3.skinny_linear` (decode-sized
+products streaming each weight once; see the file for why). The `cpu` backend's
+AOTInductor programs call it through the dispatcher, so it must be loaded before such a
+program runs: `CpuBackend.load` calls `load()`.
+
+Built with the C++ compiler AOTInductor itself needs (`$CXX`, else `g++`), against the
+running torch, into `$XDG_CACHE_HOME/optimum-gemma3/kernels` (default `~/.cache/...`),
+named by a hash of the source, flags and torch version, and written atomically so that
+concurrent processes (tensor-parallel ranks, parallel tests) never load a partial file.
+`OPTIMUM_GEMMA3_DISABLE_KERNELS=1` turns them off (programs then use BLAS products).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.utils.cpp_extension import include_paths, library_paths
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("skinny_linear.cpp")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
+# CPU capabilities (torch.backends.cpu.get_cpu_capability) that have AVX2 and FMA.
+SUPPORTED_CAPABILITIES = ("AVX2", "AVX512")
+
+
+def kernels_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "optimum-gemma3" / "kernels"
+
+
+def _compile_command(compiler: str, output: Path) -> list[str]:
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    return [
+        compiler,
+        *FLAGS,
+        abi,
+        *(f"-I{path}" for path in include_paths()),
+        str(SOURCE),
+        *(f"-L{path}" for path in library_paths()),
+        "-lc10",
+        "-ltorch_cpu",
+        "-o",
+        str(output),
+    ]
+
+
+def _build() -> Path:
+    """The kernel library for this torch and source, compiling it on the first call."""
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        raise OSError("no C++ compiler ($CXX or g++) on PATH")
+    identity = "\n".join([SOURCE.read_text(), " ".join(FLAGS), compiler, torch.__version__])
+    folder = kernels_dir()
+    library = folder / f"skinny_linear-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.so"
+    if library.is_file():
+        return library
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".so")
+    os.close(fd)
+    logger.info("Compiling optimum-gemma3 CPU kernels into %s (once per torch version)", library)
+    try:
+        result = subprocess.run(
+            _compile_command(compiler, Path(tmp)), capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            raise OSError(f"{compiler} failed:\n{result.stderr[-4000:]}")
+        os.replace(tmp, library)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return library
+
+
+@functools.cache
+def load() -> bool:
+    """Load the kernels (building them if needed); False where they cannot run here."""
+    if os.environ.get("OPTIMUM_GEMMA3_DISABLE_KERNELS", "").lower() in ("1", "true", "yes"):
+        return False
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in SUPPORTED_CAPABILITIES:
+        logger.info("No optimum-gemma3 CPU kernels for CPU capability %s", capability)
+        return False
+    try:
+        library = _build()
+    except OSError as error:
+        logger.warning("optimum-gemma3 CPU kernels unavailable, using BLAS products: %s", error)
+        return False
+    torch.ops.load_library(str(library))
+    return True

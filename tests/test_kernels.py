@@ -1,0 +1,123 @@
+"""The CPU kernels (`optimum_gemma3/modeling/kernels`) and where graphs call them."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from optimum_gemma3.modeling import DecodeGraph, PrefillGraph, kernels
+from optimum_gemma3.modeling.layers import CpuKernels, linear, tracing_with
+from tests.test_parity import build_decoder
+
+needs_kernels = pytest.mark.skipif(
+    not kernels.load(), reason="optimum-gemma3's CPU kernels need an AVX2 CPU and a C++ compiler"
+)
+
+
+def skinny_linear(x, weight):
+    return torch.ops.optimum_gemma3.skinny_linear(x, weight)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 11])
+@pytest.mark.parametrize("features", [64, 100, 640])  # 100: not a multiple of 8 lanes
+def test_fp32_products_match_f_linear(rows, features):
+    generator = torch.Generator().manual_seed(rows * features)
+    x = torch.randn(2, rows, features, generator=generator)
+    weight = torch.randn(333, features, generator=generator)
+    ours = skinny_linear(x, weight)
+    assert ours.dtype == torch.float32 and ours.shape == (2, rows, 333)
+    # fp32 sums in another order than BLAS: compare both with the exact products.
+    exact = F.linear(x.double(), weight.double())
+    blas_error = (F.linear(x, weight).double() - exact).abs().max()
+    assert (ours.double() - exact).abs().max() <= 4 * blas_error + 1e-6
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 4, 9])
+def test_bf16_products_are_fp32_sums_rounded_once(rows):
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 640, generator=generator).bfloat16()
+    weight = torch.randn(1000, 640, generator=generator).bfloat16()
+    ours = skinny_linear(x, weight)
+    assert ours.dtype == torch.bfloat16
+    exact = F.linear(x.double(), weight.double())
+    # One rounding of an fp32 sum: within one bf16 ulp (2^-7 relative) of the exact value;
+    # a bf16 accumulation would be off by several.
+    torch.testing.assert_close(ours.double(), exact, rtol=2**-7, atol=1e-3)
+    assert (ours == exact.bfloat16()).float().mean() > 0.99
+
+
+@needs_kernels
+def test_non_contiguous_weight_and_bad_inputs():
+    x = torch.randn(3, 48)
+    weight_t = torch.randn(48, 20)
+    torch.testing.assert_close(skinny_linear(x, weight_t.t()), F.linear(x, weight_t.t()))
+    with pytest.raises(RuntimeError, match="dtypes differ"):
+        skinny_linear(x, weight_t.t().bfloat16())
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        skinny_linear(x.half(), weight_t.t().half())
+    with pytest.raises(RuntimeError, match=r"weight \[N, K\] expected"):
+        skinny_linear(x, weight_t)
+    meta = skinny_linear(torch.empty(2, 1, 48, device="meta"), torch.empty(7, 48, device="meta"))
+    assert meta.shape == (2, 1, 7) and meta.device.type == "meta"
+
+
+@needs_kernels
+def test_linear_picks_the_product_by_rows_and_dtype(monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        torch.ops.optimum_gemma3, "skinny_linear", lambda x, w: calls.append("skinny") or x
+    )
+    weight = torch.randn(16, 16)
+    with tracing_with(CpuKernels(skinny_linear=True, onednn=True)):
+        linear(torch.randn(8, 16), weight)  # decode-sized
+        assert calls == ["skinny"]
+        many = torch.randn(9, 16)
+        torch.testing.assert_close(linear(many, weight), F.linear(many, weight))  # oneDNN
+        assert calls == ["skinny"]
+
+
+def graph_ops(exported) -> set[str]:
+    return {str(node.target) for node in exported.graph.nodes}
+
+
+@needs_kernels
+def test_only_cpu_backend_tracing_calls_the_kernels(tiny_checkpoints):
+    """Graphs traced for Neuron (or outside the `cpu` backend) see `F.linear`; the `cpu`
+    backend's decode program streams weights through `skinny_linear`, and its prefill
+    program (3 x 16 rows) uses oneDNN, with the head on the last token only."""
+    decoder = build_decoder(tiny_checkpoints("270m"))
+    ids = torch.zeros(3, 16, dtype=torch.long)
+    step = (torch.zeros(3, 1, dtype=torch.long), torch.zeros(3, dtype=torch.long))
+
+    plain = graph_ops(torch.export.export(DecodeGraph(decoder), step, strict=True))
+    assert "aten.linear.default" in plain
+    assert not any(op.startswith("optimum_gemma3") for op in plain)
+
+    with tracing_with(CpuKernels.for_host()):
+        decode = graph_ops(torch.export.export(DecodeGraph(decoder), step, strict=True))
+        prefill = graph_ops(
+            torch.export.export(PrefillGraph(decoder), (ids, torch.ones_like(ids)), strict=True)
+        )
+    assert "optimum_gemma3.skinny_linear.default" in decode
+    assert "aten.linear.default" not in decode
+    assert "optimum_gemma3.skinny_linear.default" in prefill  # the head, 3 rows
+    assert "optimum_gemma3.dense.default" in prefill
+
+
+def test_kernels_can_be_turned_off_or_missing(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("OPTIMUM_GEMMA3_DISABLE_KERNELS", "1")
+    assert kernels.load.__wrapped__() is False
+
+    monkeypatch.delenv("OPTIMUM_GEMMA3_DISABLE_KERNELS")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built here yet
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    with caplog.at_level(logging.WARNING):
+        assert kernels.load.__wrapped__() is False
+    assert "CPU kernels unavailable, using BLAS products: no C++ compiler" in caplog.text
+    assert not any(tmp_path.rglob("*.so"))
