@@ -16,7 +16,7 @@ from optimum_gemma3.accuracy import (
     logits_within_tolerance,
 )
 from optimum_gemma3.generation import greedy_generate
-from optimum_gemma3.modeling import Gemma3Decoder, text_config
+from optimum_gemma3.modeling import Gemma3Decoder, layers, text_config
 from optimum_gemma3.modeling.layers import CpuKernels, tracing_with
 from optimum_gemma3.weights import load_weights
 from tests.tiny_models import TEXT_SHAPES, TINY_CONFIGS, load_reference
@@ -200,3 +200,15 @@ def test_prefill_logits_close_to_transformers_forward(tiny_checkpoints):
         expected = reference(input_ids=ids, attention_mask=mask, position_ids=position_ids)
         ours = decoder.prefill(ids, mask)
     torch.testing.assert_close(ours, expected.logits[:, -1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["270m", "27b"])
+def test_blocked_prefill_attention_keeps_tokens_identical(name, tiny_checkpoints, monkeypatch):
+    """Query blocks of 4 over 23-token prompts and 8/16-token windows: blocks that skip
+    keys (sliding) or attend to a prefix (full) still give transformers' tokens."""
+    monkeypatch.setattr(layers, "PREFILL_QUERY_BLOCK", 4)
+    folder = tiny_checkpoints(name)
+    reference = load_reference(folder)
+    ids, mask = left_padded_batch(text_config(reference.config).vocab_size, seed=6)
+    ours = our_greedy(build_decoder(folder), ids, mask, new_tokens=24, prompt_length=32)
+    assert torch.equal(ours.sequences[:, -24:], hf_greedy(reference, ids, mask, 24)[:, -24:])

@@ -29,6 +29,7 @@ from .layers import (
     RMSNorm,
     RotaryEmbedding,
     apply_rotary,
+    blocked_prefill_attention,
     grouped_attention,
     linear,
     linear_class,
@@ -45,6 +46,7 @@ class LayerInputs:
     mask: torch.Tensor
     positions: torch.Tensor | None = None  # decode: where to write the new token
     fill_index: torch.Tensor | None = None  # prefill: which prompt token fills each slot
+    window: int | None = None  # prefill: the sliding window (None: full attention)
 
 
 class Attention(nn.Module):
@@ -84,9 +86,10 @@ class Attention(nn.Module):
         if inputs.fill_index is not None:
             # Prefill starts from an empty cache: attend within the prompt, then store it.
             self.cache.fill(k, v, inputs.fill_index)
+            out = blocked_prefill_attention(q, k, v, inputs.mask, self.scale, inputs.window)
         else:
             k, v = self.cache.update(k, v, inputs.positions)
-        out = grouped_attention(q, k, v, inputs.mask, self.scale)
+            out = grouped_attention(q, k, v, inputs.mask, self.scale)
         batch, seq = x.shape[:2]
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
@@ -253,6 +256,7 @@ class Gemma3Decoder(nn.Module):
                 sin,
                 prefill_mask(attention_mask, self.window[kind]),
                 fill_index=fill_index(lengths, prompt_len, self.cache_len[kind]),
+                window=self.window[kind],
             )
         h = self._run_layers(self._embed(input_ids), inputs)
         return self._logits(h[:, -1])
