@@ -17,8 +17,9 @@ from .decoder import DecodeGraph, Gemma3Decoder, PrefillGraph
 
 PREFILL = "prefill"
 DECODE = "decode"
-# Bumped whenever the program signature or input layout changes: part of compile-cache keys.
-PROGRAM_FORMAT = 3
+# Bumped whenever a graph, the program signature or the input layout changes: part of
+# compile-cache keys, which do not hash the graph source.
+PROGRAM_FORMAT = 4
 
 
 class GraphProgram(nn.Module):
