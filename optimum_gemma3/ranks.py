@@ -192,7 +192,11 @@ class RankPool:
 
     def _fail_dead(self, command: str):
         """Raise naming every rank that died, a signal-killed one first (the likely cause)."""
-        wait([p.sentinel for p in self._processes], timeout=2.0)  # let the others fail too
+        exited = wait([p.sentinel for p in self._processes], timeout=2.0)  # others fail too
+        for process in self._processes:
+            if process.sentinel in exited:
+                # Its pipes close before it can be reaped: join so that exitcode is set.
+                process.join(timeout=2.0)
         dead = [(p.exitcode, rank, p.pid) for rank, p in enumerate(self._processes)]
         dead = sorted((d for d in dead if d[0] is not None), key=lambda d: (d[0] >= 0, d[1]))
         self._stop()

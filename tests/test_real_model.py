@@ -185,7 +185,7 @@ def test_bf16_with_cpu_kernels_no_less_accurate_than_transformers(real_270m, tok
     forced, expected = hf_bf16_teacher_forcing(real_270m, ids, mask, new_tokens=32)
     decoder = build_decoder(real_270m, torch.bfloat16, batch_size=2)
     with tracing_with(chosen):
-        ours = our_greedy(decoder, ids, mask, forced_tokens=forced)
+        ours = our_greedy(decoder, ids, mask, new_tokens=32, forced_tokens=forced)
 
     truth = fp32_logits_of(real_270m, ids, mask, forced)
     problems = less_accurate_than(ours.logits, expected, truth)
