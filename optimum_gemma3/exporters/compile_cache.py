@@ -20,6 +20,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from ..paths import cache_root
+
 logger = logging.getLogger(__name__)
 
 # Config keys that do not change the compiled graph (provenance and generation defaults).
@@ -50,8 +52,7 @@ def cache_dir() -> Path | None:
         return None
     if "OPTIMUM_GEMMA3_CACHE_DIR" in os.environ:
         return Path(os.environ["OPTIMUM_GEMMA3_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "optimum-gemma3" / "compiled"
+    return cache_root() / "compiled"
 
 
 def program_key(text_config: dict, graph: dict, versions: dict) -> str:

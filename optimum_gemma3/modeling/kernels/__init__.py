@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch.utils.cpp_extension import include_paths, library_paths
 
+from ...paths import cache_root
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("skinny_linear.cpp")
@@ -35,8 +37,7 @@ SUPPORTED_CAPABILITIES = ("AVX2", "AVX512")
 
 
 def kernels_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "optimum-gemma3" / "kernels"
+    return cache_root() / "kernels"
 
 
 def _compile_command(compiler: str, output: Path) -> list[str]:
