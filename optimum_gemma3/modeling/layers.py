@@ -8,7 +8,8 @@ cast back before multiplying by V (as transformers' eager attention does).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -191,6 +192,26 @@ def attention_values(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return probs @ v
 
 
+def bf16_attention_in_fp32(attention: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Run `attention(q, k, v, ...)` on fp32 copies of bf16 q/k/v, rounding the output once,
+    in `cpu` programs on CPUs without bf16 matmul instructions
+    (`CpuKernels.bf16_products_in_fp32`): there bf16 batched products take a slow path
+    (the 512-token prefill took 15 s, 2.2x transformers' sdpa), while fp32 products and
+    softmax from the bf16 inputs, rounded once like sdpa's fp32 accumulation, are faster
+    and more accurate. Applied to the outermost attention call, so the copies are made
+    once per layer, not once per query block.
+    """
+
+    @functools.wraps(attention)
+    def wrapper(q, k, v, *args):
+        if _cpu_kernels.bf16_products_in_fp32 and q.dtype == torch.bfloat16:
+            return attention(q.float(), k.float(), v.float(), *args).to(q.dtype)
+        return attention(q, k, v, *args)
+
+    return wrapper
+
+
+@bf16_attention_in_fp32
 def grouped_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:
@@ -203,14 +224,8 @@ def grouped_attention(
     nothing to attend to (a padding row) gives finite garbage that is never read.
 
     bf16 runs as transformers' eager attention does (bf16 products, fp32 softmax), except
-    in `cpu` programs on CPUs without bf16 matmul instructions
-    (`CpuKernels.bf16_products_in_fp32`): there bf16 batched products take a slow path
-    (the 512-token prefill took 15 s, 2.2x transformers' sdpa), so the products and
-    softmax run in fp32 from the bf16 q/k/v and the output is rounded once, like sdpa's
-    fp32 accumulation: faster and more accurate.
+    where `bf16_attention_in_fp32` applies.
     """
-    if _cpu_kernels.bf16_products_in_fp32 and q.dtype == torch.bfloat16:
-        return grouped_attention(q.float(), k.float(), v.float(), mask, scale).to(q.dtype)
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -226,6 +241,7 @@ def grouped_attention(
 PREFILL_QUERY_BLOCK = 256
 
 
+@bf16_attention_in_fp32
 def blocked_prefill_attention(
     q: torch.Tensor,
     k: torch.Tensor,
