@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from optimum_gemma3.modeling import DecodeGraph, PrefillGraph, kernels
-from optimum_gemma3.modeling.layers import CpuKernels, linear, tracing_with
+from optimum_gemma3.modeling.cache import decode_mask, filled_slots
+from optimum_gemma3.modeling.layers import CpuKernels, grouped_attention, linear, tracing_with
 from tests.test_parity import build_decoder
 
 needs_kernels = pytest.mark.skipif(
@@ -81,6 +82,87 @@ def test_linear_picks_the_product_by_rows_and_dtype(monkeypatch):
         assert calls == ["skinny"]
 
 
+def decode_attention(q, k, v, filled, scale=0.3):
+    return torch.ops.optimum_gemma3.decode_attention(q, k, v, filled, scale)
+
+
+def attention_case(dtype, batch, heads, kv_heads, cache_len, head_dim, positions, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, 1, head_dim, generator=generator).to(dtype)
+    k, v = (
+        torch.randn(batch, kv_heads, cache_len, head_dim, generator=generator).to(dtype)
+        for _ in range(2)
+    )
+    return q, k, v, torch.tensor(positions)
+
+
+# (batch, heads, kv_heads, cache_len, head_dim, positions): the 270m layout (4 query heads
+# on one kv head) with a short, a partly filled and a wrapped sliding cache; the 27b
+# layout (2 query heads per kv head, head_dim 128); head_dim 20 is not a multiple of 8.
+ATTENTION_CASES = [
+    (4, 4, 1, 64, 256, [0, 17, 63, 500]),
+    (2, 32, 16, 40, 128, [39, 3]),
+    (3, 6, 2, 33, 20, [32, 0, 100]),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+def test_fp32_decode_attention_matches_the_masked_graph(case):
+    q, k, v, positions = attention_case(torch.float32, *case)
+    cache_len = k.shape[2]
+    ours = decode_attention(q, k, v, filled_slots(positions, cache_len))
+    assert ours.shape == q.shape and ours.dtype == torch.float32
+    mask = decode_mask(positions, cache_len)
+    exact = grouped_attention(q.double(), k.double(), v.double(), mask, 0.3)
+    graph_error = (grouped_attention(q, k, v, mask, 0.3).double() - exact).abs().max()
+    assert (ours.double() - exact).abs().max() <= 4 * graph_error + 1e-6
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+def test_bf16_decode_attention_is_fp32_math_rounded_once(case):
+    """Read straight from bf16 caches, the result is the fp32 attention of the bf16 values
+    rounded once: within one bf16 ulp of it, mostly equal."""
+    q, k, v, positions = attention_case(torch.bfloat16, *case)
+    cache_len = k.shape[2]
+    ours = decode_attention(q, k, v, filled_slots(positions, cache_len))
+    assert ours.dtype == torch.bfloat16
+    fp32 = grouped_attention(
+        q.float(), k.float(), v.float(), decode_mask(positions, cache_len), 0.3
+    )
+    torch.testing.assert_close(ours.float(), fp32, rtol=2**-7, atol=1e-3)
+    assert (ours == fp32.bfloat16()).float().mean() > 0.95
+
+
+@needs_kernels
+def test_decode_attention_reads_only_the_filled_slots():
+    q, k, v, _ = attention_case(torch.float32, 2, 4, 1, 16, 32, [0, 0])
+    filled = torch.tensor([3, 16])
+    reference = decode_attention(q, k, v, filled)
+    k[0, :, 3:], v[0, :, 3:] = float("nan"), float("nan")  # never read for row 0
+    torch.testing.assert_close(decode_attention(q, k, v, filled), reference)
+
+
+@needs_kernels
+def test_decode_attention_rejects_bad_inputs():
+    q, k, v, _ = attention_case(torch.float32, 2, 4, 2, 16, 32, [0, 0])
+    ok = torch.tensor([1, 16])
+    for filled in (torch.tensor([0, 16]), torch.tensor([1, 17])):
+        with pytest.raises(RuntimeError, match=r"is outside \[1, 16\], the cache length"):
+            decode_attention(q, k, v, filled)
+    with pytest.raises(RuntimeError, match="lengths \\[B\\] of integers"):
+        decode_attention(q, k, v, ok.float())
+    with pytest.raises(RuntimeError, match="dtypes differ"):
+        decode_attention(q, k.bfloat16(), v, ok)
+    with pytest.raises(RuntimeError, match="H a multiple of Hkv"):
+        decode_attention(q[:, :3], k, v, ok)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        decode_attention(q.half(), k.half(), v.half(), ok)
+    meta = decode_attention(*(t.to("meta") for t in (q, k, v, ok)))
+    assert meta.shape == q.shape and meta.device.type == "meta"
+
+
 def graph_ops(exported) -> set[str]:
     return {str(node.target) for node in exported.graph.nodes}
 
@@ -89,7 +171,8 @@ def graph_ops(exported) -> set[str]:
 def test_only_cpu_backend_tracing_calls_the_kernels(tiny_checkpoints):
     """Graphs traced for Neuron (or outside the `cpu` backend) see `F.linear`; the `cpu`
     backend's decode program streams weights through `skinny_linear`, and its prefill
-    program (3 x 16 rows) uses oneDNN, with the head on the last token only."""
+    program (3 x 16 rows) uses oneDNN, with the head on the last token only. Only the
+    decode program reads its caches through `decode_attention`."""
     decoder = build_decoder(tiny_checkpoints("270m"))
     ids = torch.zeros(3, 16, dtype=torch.long)
     step = (torch.zeros(3, 1, dtype=torch.long), torch.zeros(3, dtype=torch.long))
@@ -105,6 +188,8 @@ def test_only_cpu_backend_tracing_calls_the_kernels(tiny_checkpoints):
         )
     assert "optimum_gemma3.skinny_linear.default" in decode
     assert "aten.linear.default" not in decode
+    assert "optimum_gemma3.decode_attention.default" in decode
+    assert "optimum_gemma3.decode_attention.default" not in prefill | plain
     assert "optimum_gemma3.skinny_linear.default" in prefill  # the head, 3 rows
     assert "optimum_gemma3.dense.default" in prefill
 

@@ -41,7 +41,8 @@ def left_padded_batch(vocab_size: int, seed: int = 0, lengths=LENGTHS):
 @pytest.fixture(params=["f_linear", "cpu_kernels"])
 def products(request):
     """Run the graphs with `F.linear` (as traced for Neuron) and with the `cpu` backend's
-    kernels (oneDNN, skinny_linear for decode-sized products), which its programs call."""
+    kernels (oneDNN, skinny_linear for decode-sized products, decode_attention), which
+    its programs call."""
     if request.param == "f_linear":
         yield
         return

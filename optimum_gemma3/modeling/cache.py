@@ -75,6 +75,11 @@ def decode_mask(positions: torch.Tensor, cache_len: int) -> torch.Tensor:
     return (slots <= positions[:, None])[:, None, None, :]
 
 
+def filled_slots(positions: torch.Tensor, cache_len: int) -> torch.Tensor:
+    """`[B]`: how many leading slots `decode_mask` lets each row see, `min(p + 1, L)`."""
+    return (positions + 1).clamp(max=cache_len)
+
+
 def prefill_mask(attention_mask: torch.Tensor, window: int | None) -> torch.Tensor:
     """`[B, 1, S, S]` causal mask over a left-padded prompt, with an optional sliding window.
 

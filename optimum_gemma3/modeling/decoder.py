@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers import Gemma3TextConfig
 
-from .cache import KVCache, decode_mask, fill_index, prefill_mask
+from .cache import KVCache, decode_mask, fill_index, filled_slots, prefill_mask
 from .config import FULL, LAYER_TYPES, SLIDING, rope_frequencies, text_config
 from .layers import (
     MLP,
@@ -30,7 +30,7 @@ from .layers import (
     RotaryEmbedding,
     apply_rotary,
     blocked_prefill_attention,
-    grouped_attention,
+    decode_attention,
     linear,
     linear_class,
 )
@@ -45,6 +45,7 @@ class LayerInputs:
     sin: torch.Tensor
     mask: torch.Tensor
     positions: torch.Tensor | None = None  # decode: where to write the new token
+    filled: torch.Tensor | None = None  # decode: how many cache slots each row may see
     fill_index: torch.Tensor | None = None  # prefill: which prompt token fills each slot
     window: int | None = None  # prefill: the sliding window (None: full attention)
 
@@ -89,7 +90,7 @@ class Attention(nn.Module):
             out = blocked_prefill_attention(q, k, v, inputs.mask, self.scale, inputs.window)
         else:
             k, v = self.cache.update(k, v, inputs.positions)
-            out = grouped_attention(q, k, v, inputs.mask, self.scale)
+            out = decode_attention(q, k, v, inputs.mask, inputs.filled, self.scale)
         batch, seq = x.shape[:2]
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
@@ -266,8 +267,14 @@ class Gemma3Decoder(nn.Module):
         inputs = {}
         for kind in LAYER_TYPES:
             cos, sin = self.rotary[kind](positions[:, None], self.dtype)
-            mask = decode_mask(positions, self.cache_len[kind])
-            inputs[kind] = LayerInputs(cos, sin, mask, positions=positions)
+            cache_len = self.cache_len[kind]
+            inputs[kind] = LayerInputs(
+                cos,
+                sin,
+                decode_mask(positions, cache_len),
+                positions=positions,
+                filled=filled_slots(positions, cache_len),
+            )
         h = self._run_layers(self._embed(input_ids), inputs)
         return self._logits(h[:, -1])
 

@@ -34,6 +34,7 @@ class CpuKernels:
     """
 
     skinny_linear: bool = False  # torch.ops.optimum_gemma3.skinny_linear (modeling/kernels)
+    decode_attention: bool = False  # torch.ops.optimum_gemma3.decode_attention (same place)
     onednn: bool = False  # oneDNN's inner product for fp32 products of many rows
     # No bf16 matmul instructions: bf16 products of many rows (prefill projections,
     # attention) are computed from fp32 copies and rounded once (see `linear`).
@@ -43,6 +44,7 @@ class CpuKernels:
     def for_host(cls) -> CpuKernels:
         return cls(
             skinny_linear=kernels.load(),
+            decode_attention=kernels.load(),
             onednn=torch.backends.mkldnn.is_available(),
             bf16_products_in_fp32=not torch.backends.mkldnn.is_available()
             or not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
@@ -235,6 +237,26 @@ def grouped_attention(
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     out = attention_values(probs.view(batch, kv_heads, group * q_len, kv_len), v)
     return out.view(batch, heads, q_len, head_dim)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    filled: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One new token per row (q `[B, H, 1, D]`) over its layer's whole KV cache.
+
+    `mask` (`[B, 1, 1, L]`) and `filled` (`[B]`) say the same thing two ways: row `b` may
+    see exactly the cache slots `[0, filled[b])` (see `cache.decode_mask`). The `cpu`
+    backend's kernel reads only those slots, from the cache in its own dtype; elsewhere
+    the masked `grouped_attention` runs.
+    """
+    if _cpu_kernels.decode_attention:
+        return torch.ops.optimum_gemma3.decode_attention(q, k, v, filled, scale)
+    return grouped_attention(q, k, v, mask, scale)
 
 
 # Prefill attention runs this many queries at a time (see `blocked_prefill_attention`).

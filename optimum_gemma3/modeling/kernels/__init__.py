@@ -1,9 +1,12 @@
 """This package's CPU kernels: C++ ops built once per host and torch version, then loaded.
 
-`skinny_linear.cpp` registers `torch.ops.optimum_gemma3.skinny_linear` (decode-sized
-products streaming each weight once; see the file for why). The `cpu` backend's
-AOTInductor programs call it through the dispatcher, so it must be loaded before such a
-program runs: `CpuBackend.load` calls `load()`.
+- `skinny_linear.cpp`: `torch.ops.optimum_gemma3.skinny_linear`, decode-sized products
+  streaming each weight once;
+- `decode_attention.cpp`: `torch.ops.optimum_gemma3.decode_attention`, one query token
+  per row over the filled slots of its KV cache, in the cache's dtype.
+Each file says why. The `cpu` backend's AOTInductor programs call them through the
+dispatcher, so they must be loaded before such a program runs: `CpuBackend.load` calls
+`load()`.
 
 Built with the C++ compiler AOTInductor itself needs (`$CXX`, else `g++`), against the
 running torch, into `$XDG_CACHE_HOME/optimum-gemma3/kernels` (default `~/.cache/...`),
@@ -30,7 +33,9 @@ from ...paths import cache_root
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("skinny_linear.cpp")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "skinny_linear.cpp", HERE / "decode_attention.cpp")
+HEADERS = (HERE / "vector.h",)
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
 # CPU capabilities (torch.backends.cpu.get_cpu_capability) that have AVX2 and FMA.
 SUPPORTED_CAPABILITIES = ("AVX2", "AVX512")
@@ -47,7 +52,7 @@ def _compile_command(compiler: str, output: Path) -> list[str]:
         *FLAGS,
         abi,
         *(f"-I{path}" for path in include_paths()),
-        str(SOURCE),
+        *(str(source) for source in SOURCES),
         *(f"-L{path}" for path in library_paths()),
         "-lc10",
         "-ltorch_cpu",
@@ -61,9 +66,10 @@ def _build() -> Path:
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
         raise OSError("no C++ compiler ($CXX or g++) on PATH")
-    identity = "\n".join([SOURCE.read_text(), " ".join(FLAGS), compiler, torch.__version__])
+    texts = [path.read_text() for path in (*SOURCES, *HEADERS)]
+    identity = "\n".join([*texts, " ".join(FLAGS), compiler, torch.__version__])
     folder = kernels_dir()
-    library = folder / f"skinny_linear-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.so"
+    library = folder / f"kernels-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.so"
     if library.is_file():
         return library
     folder.mkdir(parents=True, exist_ok=True)

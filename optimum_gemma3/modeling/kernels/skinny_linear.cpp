@@ -13,29 +13,15 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
-#include <immintrin.h>
 #include <torch/library.h>
+
+#include "vector.h"
 
 namespace {
 
+using namespace optimum_gemma3;
+
 constexpr int64_t kMaxRows = 8;  // input rows multiplied per pass over the weight
-constexpr int64_t kLanes = 8;    // fp32 lanes of an AVX2 register
-
-float horizontal_sum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_hadd_ps(s, s);
-  s = _mm_hadd_ps(s, s);
-  return _mm_cvtss_f32(s);
-}
-
-__m256 load_fp32(const float* p) { return _mm256_loadu_ps(p); }
-
-// bf16 is the top half of an fp32: widen by shifting into the high 16 bits (exact).
-__m256 load_fp32(const c10::BFloat16* p) {
-  __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
-}
 
 // out[m, n] = sum_k x[m, k] * w[n, k] for weight rows [n0, n1), M input rows of length K.
 // U independent accumulators per input row hide the FMA latency; M * U stays <= 8 registers.
