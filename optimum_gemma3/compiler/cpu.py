@@ -1,6 +1,6 @@
 """The `cpu` backend: PyTorch's own ahead-of-time stack.
 
-`torch.export` (strict) captures the static-shape program, then AOTInductor compiles it to
+`torch.export` captures the static-shape program, then AOTInductor compiles it to
 a shared library packaged in a `.pt2` archive, which loads without this package's model
 source or a Python-level graph interpreter. Weights and caches are program inputs, so the
 library holds no weights. Graphs are traced with this host's CPU kernels
@@ -12,7 +12,6 @@ interpreting the exported graph, whose per-op Python overhead dominates at batch
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 
 import torch
@@ -41,15 +40,12 @@ class CpuBackend(CompilerBackend):
         }
 
     def compile(self, program: torch.nn.Module, example_inputs: tuple, path: Path) -> None:
-        with warnings.catch_warnings():
-            # torch.export reports every weight and cache the program reads from the
-            # functional_call state as a "side effect": inputs by design, and one
-            # multi-kilobyte warning per program that buries the progress output.
-            warnings.filterwarnings(
-                "ignore", message="While compiling, we found certain side effects"
-            )
-            with tracing_with(self.cpu_kernels):
-                exported = torch.export.export(program, example_inputs, strict=True)
+        # Non-strict: the graphs are plain tensor code, which running the Python under fake
+        # tensors captures as well as TorchDynamo's bytecode tracing (strict) did (same ops
+        # on the real 270M), in a quarter of the time: the 270M decode graph 25.5 -> 5.8 s,
+        # the 1024-token prefill 29.7 -> 11.0 s, of about two minutes per program.
+        with tracing_with(self.cpu_kernels):
+            exported = torch.export.export(program, example_inputs, strict=False)
         torch._inductor.aoti_compile_and_package(exported, package_path=str(path))
 
     def load(self, path: Path) -> Program:
