@@ -78,20 +78,29 @@ class Attention(nn.Module):
         batch, seq = x.shape[:2]
         return x.view(batch, seq, num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
-        q = self.q_norm(self._heads(self.q_proj(x), self.num_heads))
+    def forward(
+        self, x: torch.Tensor, inputs: LayerInputs, last_query_only: bool = False
+    ) -> torch.Tensor:
+        """Attention output for every token of `x`, or only its last (`last_query_only`).
+
+        Keys and values always cover every token: they fill the cache.
+        """
+        queries, cos, sin, mask = x, inputs.cos, inputs.sin, inputs.mask
+        if last_query_only:
+            queries, cos, sin, mask = x[:, -1:], cos[:, :, -1:], sin[:, :, -1:], mask[:, :, -1:]
+        q = self.q_norm(self._heads(self.q_proj(queries), self.num_heads))
         k = self.k_norm(self._heads(self.k_proj(x), self.num_kv_heads))
         v = self._heads(self.v_proj(x), self.num_kv_heads)
-        q = apply_rotary(q, inputs.cos, inputs.sin)
+        q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, inputs.cos, inputs.sin)
         if inputs.fill_index is not None:
             # Prefill starts from an empty cache: attend within the prompt, then store it.
             self.cache.fill(k, v, inputs.fill_index)
-            out = blocked_prefill_attention(q, k, v, inputs.mask, self.scale, inputs.window)
+            out = blocked_prefill_attention(q, k, v, mask, self.scale, inputs.window)
         else:
             k, v = self.cache.update(k, v, inputs.positions)
-            out = decode_attention(q, k, v, inputs.mask, inputs.filled, self.scale)
-        batch, seq = x.shape[:2]
+            out = decode_attention(q, k, v, mask, inputs.filled, self.scale)
+        batch, seq = queries.shape[:2]
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -120,8 +129,16 @@ class DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
         self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
 
-    def forward(self, h: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
-        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), inputs))
+    def forward(
+        self, h: torch.Tensor, inputs: LayerInputs, last_token_only: bool = False
+    ) -> torch.Tensor:
+        """The block's output for every token of `h`, or only for its last one
+        (`last_token_only`, which still fills the cache with every token's keys and values).
+        """
+        attended = self.self_attn(self.input_layernorm(h), inputs, last_token_only)
+        if last_token_only:
+            h = h[:, -1:]
+        h = h + self.post_attention_layernorm(attended)
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
 
@@ -239,11 +256,6 @@ class Gemma3Decoder(nn.Module):
         logits = torch.nn.functional.linear(self.norm(h_last), weight)
         return gather_vocab(logits, getattr(self, RANK_NAME), self.config.vocab_size)
 
-    def _run_layers(self, h: torch.Tensor, inputs: dict[str, LayerInputs]) -> torch.Tensor:
-        for layer in self.layers:
-            h = layer(h, inputs[layer.layer_type])
-        return h
-
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Run a left-padded prompt batch, fill every cache, return last-token logits."""
         prompt_len = input_ids.shape[1]
@@ -259,7 +271,15 @@ class Gemma3Decoder(nn.Module):
                 fill_index=fill_index(lengths, prompt_len, self.cache_len[kind]),
                 window=self.window[kind],
             )
-        h = self._run_layers(self._embed(input_ids), inputs)
+        # Only the last token's logits are returned, so the last layer computes attention,
+        # MLP and norms for that token alone: its other tokens' outputs would feed nothing
+        # (a 1/num_layers share of the prefill's products). The last token's result is the
+        # same computation; only its one-row products may sum in another order.
+        *body, last = self.layers
+        h = self._embed(input_ids)
+        for layer in body:
+            h = layer(h, inputs[layer.layer_type])
+        h = last(h, inputs[last.layer_type], last_token_only=True)
         return self._logits(h[:, -1])
 
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -275,7 +295,9 @@ class Gemma3Decoder(nn.Module):
                 positions=positions,
                 filled=filled_slots(positions, cache_len),
             )
-        h = self._run_layers(self._embed(input_ids), inputs)
+        h = self._embed(input_ids)
+        for layer in self.layers:
+            h = layer(h, inputs[layer.layer_type])
         return self._logits(h[:, -1])
 
 
