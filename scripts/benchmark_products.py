@@ -1,8 +1,10 @@
-"""Decode-sized products of the real 270M's shapes: F.linear, oneDNN, skinny_linear.
+"""Products of the real 270M's shapes: F.linear, oneDNN (`dense`), skinny_linear.
 
 The numbers behind `modeling/layers.py: linear`: for 1 and 4 rows (decode at batch 1
 and 4), the median time of `x @ W.T` for the tied head and a layer's projections, and
-the rate the weights stream at (bytes / time). Random weights: only shapes matter.
+the rate the weights stream at (bytes / time); then, for the layers' projections at
+512 rows (a 512-token prefill), fp32 time and GFLOP/s. Random weights: only shapes
+matter.
 
     python scripts/benchmark_products.py [--threads 2] [--repeats 10]
 """
@@ -17,14 +19,16 @@ import torch
 import torch.nn.functional as F
 
 from optimum_gemma3.modeling import kernels
-from optimum_gemma3.modeling.layers import dense
 
 SHAPES = {  # name: (out features, in features) of Gemma-3 270M
     "head 262144x640": (262144, 640),
     "mlp up 2048x640": (2048, 640),
     "mlp down 640x2048": (640, 2048),
     "q 1024x640": (1024, 640),
+    "o 640x1024": (640, 1024),
+    "k, v 256x640": (256, 640),
 }
+PREFILL_ROWS = 512
 
 
 def median_ms(product, x: torch.Tensor, weight: torch.Tensor, repeats: int) -> float:
@@ -47,7 +51,7 @@ def main() -> None:
         raise SystemExit("skinny_linear cannot be built or run here (needs AVX2 and a compiler)")
     products = {
         "F.linear": F.linear,
-        "oneDNN": dense,
+        "oneDNN": torch.ops.optimum_gemma3.dense,
         "skinny_linear": torch.ops.optimum_gemma3.skinny_linear,
     }
     print(f"{args.threads} threads, torch {torch.__version__}; ms (GB/s of weights)")
@@ -66,6 +70,19 @@ def main() -> None:
                     ms = median_ms(product, x, weight, args.repeats)
                     cells.append(f"{ms:>10.3f} ({gigabytes / ms * 1e3:5.1f})")
                 print(f"{name:<20}{str(dtype)[6:]:<10}{rows:>5}" + "".join(cells))
+    print(f"prefill-sized: {PREFILL_ROWS} rows; ms (GFLOP/s)")
+    print(f"{'shape':<20}{'dtype':<10}{'rows':>5}{'F.linear':>20}{'oneDNN':>20}")
+    for name, (out_features, in_features) in SHAPES.items():
+        if name.startswith("head"):
+            continue  # prefill runs the head on the last token only
+        weight = torch.randn(out_features, in_features)
+        x = torch.randn(PREFILL_ROWS, in_features)
+        gigaflops = 2 * PREFILL_ROWS * out_features * in_features / 1e9
+        cells = []
+        for product_name in ("F.linear", "oneDNN"):
+            ms = median_ms(products[product_name], x, weight, args.repeats)
+            cells.append(f"{ms:>10.3f} ({gigaflops / ms * 1e3:5.1f})")
+        print(f"{name:<20}{'float32':<10}{PREFILL_ROWS:>5}" + "".join(cells))
 
 
 if __name__ == "__main__":

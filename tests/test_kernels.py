@@ -82,6 +82,33 @@ def test_linear_picks_the_product_by_rows_and_dtype(monkeypatch):
         assert calls == ["skinny"]
 
 
+@needs_kernels
+@pytest.mark.parametrize("features", [100, 640])
+def test_dense_is_onednn_for_any_leading_shape(features):
+    """`dense` is oneDNN's product as a C++ op: the same result as calling oneDNN from
+    Python, for [B, S, K] inputs and non-contiguous weights; fp32 only, meta shapes."""
+    generator = torch.Generator().manual_seed(features)
+    x = torch.randn(2, 37, features, generator=generator)
+    weight = torch.randn(features, 48, generator=generator).t()  # [48, K], not contiguous
+    ours = torch.ops.optimum_gemma3.dense(x, weight)
+    onednn = torch.ops.mkldnn._linear_pointwise(
+        x.reshape(-1, features), weight.contiguous(), None, "none", [], ""
+    )
+    assert ours.shape == (2, 37, 48)
+    assert torch.equal(ours, onednn.view(2, 37, 48))
+    exact = x.double() @ weight.double().T
+    blas_error = (F.linear(x, weight) - exact).abs().max()
+    assert (ours - exact).abs().max() <= 4 * blas_error
+    with pytest.raises(RuntimeError, match="float32 x and weight expected"):
+        torch.ops.optimum_gemma3.dense(x.bfloat16(), weight.bfloat16())
+    with pytest.raises(RuntimeError, match=r"x \[..., K\] and weight \[N, K\] expected"):
+        torch.ops.optimum_gemma3.dense(x, weight.t())
+    meta = torch.ops.optimum_gemma3.dense(
+        torch.empty(2, 9, 48, device="meta"), torch.empty(7, 48, device="meta")
+    )
+    assert meta.shape == (2, 9, 7) and meta.device.type == "meta"
+
+
 def decode_attention(q, k, v, filled, scale=0.3):
     return torch.ops.optimum_gemma3.decode_attention(q, k, v, filled, scale)
 
@@ -171,7 +198,7 @@ def graph_ops(exported) -> set[str]:
 def test_only_cpu_backend_tracing_calls_the_kernels(tiny_checkpoints):
     """Graphs traced for Neuron (or outside the `cpu` backend) see `F.linear`; the `cpu`
     backend's decode program streams weights through `skinny_linear`, and its prefill
-    program (3 x 16 rows) uses oneDNN, with the head on the last token only. Only the
+    program (3 x 16 rows) uses oneDNN's `dense`, with the head on the last token only. Only the
     decode program reads its caches through `decode_attention`."""
     decoder = build_decoder(tiny_checkpoints("270m"))
     ids = torch.zeros(3, 16, dtype=torch.long)
@@ -190,7 +217,8 @@ def test_only_cpu_backend_tracing_calls_the_kernels(tiny_checkpoints):
     assert "aten.linear.default" not in decode
     assert "optimum_gemma3.decode_attention.default" in decode
     assert "optimum_gemma3.decode_attention.default" not in prefill | plain
-    assert "optimum_gemma3.skinny_linear.default" in prefill  # the head, 3 rows
+    # 3 rows: the head, and the last layer, which computes only the last token past K/V
+    assert "optimum_gemma3.skinny_linear.default" in prefill
     assert "optimum_gemma3.dense.default" in prefill
 
 

@@ -35,7 +35,7 @@ class CpuKernels:
 
     skinny_linear: bool = False  # torch.ops.optimum_gemma3.skinny_linear (modeling/kernels)
     decode_attention: bool = False  # torch.ops.optimum_gemma3.decode_attention (same place)
-    onednn: bool = False  # oneDNN's inner product for fp32 products of many rows
+    onednn: bool = False  # torch.ops.optimum_gemma3.dense: oneDNN, fp32, many rows
     # No bf16 matmul instructions: bf16 products of many rows (prefill projections,
     # attention) are computed from fp32 copies and rounded once (see `linear`).
     bf16_products_in_fp32: bool = False
@@ -45,7 +45,7 @@ class CpuKernels:
         return cls(
             skinny_linear=kernels.load(),
             decode_attention=kernels.load(),
-            onednn=torch.backends.mkldnn.is_available(),
+            onednn=kernels.load() and torch.backends.mkldnn.is_available(),
             bf16_products_in_fp32=not torch.backends.mkldnn.is_available()
             or not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
         )
@@ -85,25 +85,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if _cpu_kernels.bf16_products_in_fp32 and x.dtype == torch.bfloat16:
         return linear(x.float(), weight.float()).to(x.dtype)
     if _cpu_kernels.onednn and x.dtype == torch.float32:
-        return dense(x, weight)
+        return torch.ops.optimum_gemma3.dense(x, weight)
     return F.linear(x, weight)
-
-
-@torch.library.custom_op("optimum_gemma3::dense", mutates_args=())
-def dense(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """fp32 `x @ weight.T` by oneDNN, as an op compiled programs call as an extern kernel.
-
-    Inductor lowers oneDNN linears only for constant (frozen) weights, and ours are
-    program inputs; a custom op keeps the call opaque to it.
-    """
-    rows = x.reshape(-1, x.shape[-1]).contiguous()
-    out = torch.ops.mkldnn._linear_pointwise(rows, weight.contiguous(), None, "none", [], "")
-    return out.view(*x.shape[:-1], weight.shape[0])
-
-
-@dense.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 class Linear(nn.Linear):
@@ -260,7 +243,7 @@ def decode_attention(
 
 
 # Prefill attention runs this many queries at a time (see `blocked_prefill_attention`).
-PREFILL_QUERY_BLOCK = 256
+PREFILL_QUERY_BLOCK = 128
 
 
 @bf16_attention_in_fp32

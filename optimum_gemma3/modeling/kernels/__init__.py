@@ -3,7 +3,9 @@
 - `skinny_linear.cpp`: `torch.ops.optimum_gemma3.skinny_linear`, decode-sized products
   streaming each weight once;
 - `decode_attention.cpp`: `torch.ops.optimum_gemma3.decode_attention`, one query token
-  per row over the filled slots of its KV cache, in the cache's dtype.
+  per row over the filled slots of its KV cache, in the cache's dtype;
+- `dense.cpp`: `torch.ops.optimum_gemma3.dense`, oneDNN's fp32 product for many rows
+  (prefill), callable from a compiled program without Python.
 Each file says why. The `cpu` backend's AOTInductor programs call them through the
 dispatcher, so they must be loaded before such a program runs: `CpuBackend.load` calls
 `load()`.
@@ -34,7 +36,7 @@ from ...paths import cache_root
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "skinny_linear.cpp", HERE / "decode_attention.cpp")
+SOURCES = (HERE / "skinny_linear.cpp", HERE / "decode_attention.cpp", HERE / "dense.cpp")
 HEADERS = (HERE / "vector.h",)
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
 # CPU capabilities (torch.backends.cpu.get_cpu_capability) that have AVX2 and FMA.
