@@ -198,8 +198,8 @@ def graph_ops(exported) -> set[str]:
 def test_only_cpu_backend_tracing_calls_the_kernels(tiny_checkpoints):
     """Graphs traced for Neuron (or outside the `cpu` backend) see `F.linear`; the `cpu`
     backend's decode program streams weights through `skinny_linear`, and its prefill
-    program (3 x 16 rows) uses oneDNN's `dense`, with the head on the last token only. Only the
-    decode program reads its caches through `decode_attention`."""
+    program (3 x 16 rows) uses oneDNN's `dense`, with the head on the last token only.
+    Only the decode program reads its caches through `decode_attention`."""
     decoder = build_decoder(tiny_checkpoints("270m"))
     ids = torch.zeros(3, 16, dtype=torch.long)
     step = (torch.zeros(3, 1, dtype=torch.long), torch.zeros(3, dtype=torch.long))

@@ -256,6 +256,14 @@ class Gemma3Decoder(nn.Module):
         logits = torch.nn.functional.linear(self.norm(h_last), weight)
         return gather_vocab(logits, getattr(self, RANK_NAME), self.config.vocab_size)
 
+    def _run_layers(
+        self, h: torch.Tensor, inputs: dict[str, LayerInputs], last_token_only: bool = False
+    ) -> torch.Tensor:
+        *body, last = self.layers
+        for layer in body:
+            h = layer(h, inputs[layer.layer_type])
+        return last(h, inputs[last.layer_type], last_token_only)
+
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Run a left-padded prompt batch, fill every cache, return last-token logits."""
         prompt_len = input_ids.shape[1]
@@ -275,11 +283,7 @@ class Gemma3Decoder(nn.Module):
         # MLP and norms for that token alone: its other tokens' outputs would feed nothing
         # (a 1/num_layers share of the prefill's products). The last token's result is the
         # same computation; only its one-row products may sum in another order.
-        *body, last = self.layers
-        h = self._embed(input_ids)
-        for layer in body:
-            h = layer(h, inputs[layer.layer_type])
-        h = last(h, inputs[last.layer_type], last_token_only=True)
+        h = self._run_layers(self._embed(input_ids), inputs, last_token_only=True)
         return self._logits(h[:, -1])
 
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -295,9 +299,7 @@ class Gemma3Decoder(nn.Module):
                 positions=positions,
                 filled=filled_slots(positions, cache_len),
             )
-        h = self._embed(input_ids)
-        for layer in self.layers:
-            h = layer(h, inputs[layer.layer_type])
+        h = self._run_layers(self._embed(input_ids), inputs)
         return self._logits(h[:, -1])
 
 
