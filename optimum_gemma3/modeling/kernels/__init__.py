@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "skinny_linear.cpp", HERE / "decode_attention.cpp", HERE / "dense.cpp")
-HEADERS = (HERE / "vector.h",)
+HEADERS = (HERE / "vector.h", HERE / "linear_shapes.h")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
 # CPU capabilities (torch.backends.cpu.get_cpu_capability) that have AVX2 and FMA.
 SUPPORTED_CAPABILITIES = ("AVX2", "AVX512")

@@ -12,17 +12,15 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "linear_shapes.h"
+
 namespace {
 
 std::vector<int64_t> output_sizes(const at::Tensor& x, const at::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2 && x.dim() >= 1 && x.size(-1) == weight.size(1),
-              "dense: x [..., K] and weight [N, K] expected, got ", x.sizes(), " and ",
-              weight.sizes());
+  std::vector<int64_t> sizes = optimum_gemma3::linear_output_sizes("dense", x, weight);
   TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
               "dense: float32 x and weight expected, got ", x.scalar_type(), " and ",
               weight.scalar_type());
-  std::vector<int64_t> sizes = x.sizes().vec();
-  sizes.back() = weight.size(0);
   return sizes;
 }
 

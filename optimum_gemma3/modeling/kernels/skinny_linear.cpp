@@ -15,6 +15,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "linear_shapes.h"
 #include "vector.h"
 
 namespace {
@@ -74,16 +75,12 @@ void multiply(int64_t M, const float* x, const W* w, float* out, int64_t n0, int
 }
 
 std::vector<int64_t> output_sizes(const at::Tensor& x, const at::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2 && x.dim() >= 1 && x.size(-1) == weight.size(1),
-              "skinny_linear: x [..., K] and weight [N, K] expected, got ", x.sizes(), " and ",
-              weight.sizes());
+  std::vector<int64_t> sizes = linear_output_sizes("skinny_linear", x, weight);
   TORCH_CHECK(x.scalar_type() == weight.scalar_type(),
               "skinny_linear: x and weight dtypes differ: ", x.scalar_type(), " vs ",
               weight.scalar_type());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "skinny_linear: float32 or bfloat16 expected, got ", x.scalar_type());
-  std::vector<int64_t> sizes = x.sizes().vec();
-  sizes.back() = weight.size(0);
   return sizes;
 }
 
