@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -93,6 +94,30 @@ def test_artifact_folder_layout(exported):
             entries = archive.namelist()
         assert any(entry.endswith(".so") for entry in entries)
         assert not [e for e in entries if "weights" in e or "constants" in e], entries
+
+
+def program_buffer_shapes(program: Path) -> set[tuple[int, ...]]:
+    """The tensor shapes an AOTInductor program's wrapper code declares (its `int_array`s)."""
+    with zipfile.ZipFile(program) as archive:
+        (wrapper,) = [n for n in archive.namelist() if n.endswith(".wrapper.cpp")]
+        source = archive.read(wrapper).decode()
+    arrays = re.findall(r"int64_t int_array_\d+\[\] = \{([^}]*)\}", source)
+    return {
+        tuple(int(size.strip().rstrip("L")) for size in a.split(",") if size.strip())
+        for a in arrays
+    }
+
+
+def test_decode_program_never_copies_a_whole_cache(exported):
+    """A decode step writes one slot per row into the caches, in place. A scatter-style
+    update made Inductor copy each cache whole and back on every step (about a third of
+    the 270M's fp32 batch-4 step); such a copy needs a cache-shaped buffer."""
+    _, model, folder = exported
+    caches = {tuple(t.shape) for t in model.runtime.engine.caches.values()}
+    shapes = program_buffer_shapes(folder / "compiled/decode.pt2")
+    batch, kv_heads, _, head_dim = next(iter(caches))
+    assert (batch, kv_heads, 1, head_dim) in shapes  # the new keys: the parsing sees shapes
+    assert not caches & shapes
 
 
 def test_second_export_of_same_shape_skips_compilation(exported, tmp_path, monkeypatch, caplog):

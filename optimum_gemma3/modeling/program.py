@@ -19,7 +19,7 @@ PREFILL = "prefill"
 DECODE = "decode"
 # Bumped whenever a graph, the program signature or the input layout changes: part of
 # compile-cache keys, which do not hash the graph source.
-PROGRAM_FORMAT = 8
+PROGRAM_FORMAT = 9
 
 
 class GraphProgram(nn.Module):
