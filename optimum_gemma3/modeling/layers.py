@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -19,6 +20,9 @@ from transformers.activations import ACT2FN
 
 from . import kernels
 from .parallel import all_reduce
+
+# transformers' name for `F.gelu(x, approximate="tanh")`, Gemma-3's MLP activation.
+GELU_TANH = "gelu_pytorch_tanh"
 
 # Decode-sized products (batch rows x 1 token) go to `skinny_linear` up to this many rows.
 SKINNY_MAX_ROWS = 8
@@ -39,6 +43,8 @@ class CpuKernels:
     # No bf16 matmul instructions: bf16 products of many rows (prefill projections,
     # attention) are computed from fp32 copies and rounded once (see `linear`).
     bf16_products_in_fp32: bool = False
+    # gelu(tanh) as x * sigmoid(2u), the same function (see `gelu_tanh`).
+    gelu_as_sigmoid: bool = False
 
     @classmethod
     def for_host(cls) -> CpuKernels:
@@ -48,6 +54,7 @@ class CpuKernels:
             onednn=kernels.load() and torch.backends.mkldnn.is_available(),
             bf16_products_in_fp32=not torch.backends.mkldnn.is_available()
             or not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+            gelu_as_sigmoid=True,
         )
 
 
@@ -282,6 +289,23 @@ def blocked_prefill_attention(
     return torch.cat(blocks, dim=2)
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """transformers' `gelu_pytorch_tanh`, `0.5 x (1 + tanh(u))` with
+    `u = sqrt(2/pi) (x + 0.044715 x^3)`; in `cpu` programs as `x * sigmoid(2u)`.
+
+    The two are the same function (`(1 + tanh(u)) / 2 = sigmoid(2u)`), and in fp32 both
+    are within 1.9e-6 of float64 on the MLP's inputs. Why: Inductor's CPU code computes
+    tanh with a slow vector routine; the sigmoid form's exp is 2.4x faster (2.78 -> 1.15 ms
+    for the 270M's 512x2048 gate, about 3% of its 512-token prefill). Computed in fp32 and
+    rounded once, as `F.gelu` does for bf16 inputs.
+    """
+    if not _cpu_kernels.gelu_as_sigmoid:
+        return F.gelu(x, approximate="tanh")
+    x32 = x.float()
+    twice_u = (2 * math.sqrt(2 / math.pi)) * (x32 + 0.044715 * x32 * x32 * x32)
+    return (x32 * torch.sigmoid(twice_u)).to(x.dtype)
+
+
 class MLP(nn.Module):
     """`down(act(gate(x)) * up(x))`; Gemma-3's activation is gelu with the tanh approximation."""
 
@@ -292,7 +316,7 @@ class MLP(nn.Module):
         self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = linear_class(row_parallel)(intermediate_size, hidden_size, bias=False)
-        self.act = ACT2FN[activation]
+        self.act = gelu_tanh if activation == GELU_TANH else ACT2FN[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
