@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -10,7 +11,13 @@ import torch.nn.functional as F
 
 from optimum_gemma3.modeling import DecodeGraph, PrefillGraph, kernels
 from optimum_gemma3.modeling.cache import decode_mask, filled_slots
-from optimum_gemma3.modeling.layers import CpuKernels, grouped_attention, linear, tracing_with
+from optimum_gemma3.modeling.layers import (
+    CpuKernels,
+    gelu_tanh,
+    grouped_attention,
+    linear,
+    tracing_with,
+)
 from tests.test_parity import build_decoder
 
 needs_kernels = pytest.mark.skipif(
@@ -234,3 +241,26 @@ def test_kernels_can_be_turned_off_or_missing(monkeypatch, tmp_path, caplog):
         assert kernels.load.__wrapped__() is False
     assert "CPU kernels unavailable, using BLAS products: no C++ compiler" in caplog.text
     assert not any(tmp_path.rglob("*.so"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_as_sigmoid_is_transformers_gelu(dtype):
+    """`cpu` programs' gelu(tanh) form against `F.gelu(approximate="tanh")`, which
+    transformers runs: no further from the float64 function than it, and the same limits
+    far from zero. (Below about -5 the true values are tiny, F.gelu's tanh form gives 0
+    and ours their tiny values: absolute errors, not relative ones, are compared.)"""
+    x = torch.cat([torch.linspace(-12, 12, 100_001), torch.tensor([-1e30, -100.0, 100.0, 1e30])])
+    x = x.to(dtype)
+    with tracing_with(CpuKernels(gelu_as_sigmoid=True)):
+        ours = gelu_tanh(x)
+    theirs = F.gelu(x, approximate="tanh")
+    x64 = x.double()  # the same function, without the tanh form's cancellation below 0
+    exact = x64 * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (x64 + 0.044715 * x64**3))
+    assert ours.dtype == dtype
+    our_error = (ours.double() - exact).abs().max()
+    their_error = (theirs.double() - exact).abs().max()
+    assert our_error <= 1.5 * their_error
+    torch.testing.assert_close(
+        ours, theirs, rtol=2**-7 if dtype == torch.bfloat16 else 1e-5, atol=1e-6
+    )
+    assert torch.equal(ours[-4:], theirs[-4:])
