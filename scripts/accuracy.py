@@ -173,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         # A partial last batch is padded with copies so the static batch size holds.
         batch += [batch[-1]] * (args.batch_size - len(batch))
         input_ids, mask = left_padded(batch, generation_config.pad_token_id)
-        with tracing_with(cpu_kernels):
-            rows = compare_batch(reference, decoder, input_ids, mask, args, generation_config)
+        with tracing_with(cpu_kernels):  # list(): the generator must run inside the block
+            rows = list(compare_batch(reference, decoder, input_ids, mask, args, generation_config))
         for (name, ids), (match, max_diff, passed) in zip(chunk, rows, strict=False):
             first_diff = "-" if match.first_divergence is None else str(match.first_divergence)
             print(
