@@ -30,11 +30,12 @@ SKINNY_MAX_ROWS = 8
 
 @dataclass(frozen=True)
 class CpuKernels:
-    """How the `cpu` backend's graphs compute products on this host (`CpuBackend` traces
-    with `for_host()`; everything else, Neuron tracing and eager runs, with the defaults).
+    """How the `cpu` backend's graphs compute products (and gelu) on this host
+    (`CpuBackend` traces with `for_host()`; everything else, Neuron tracing and eager runs,
+    with the defaults).
 
-    The choice is made when a graph is traced, so a program holds one product or the
-    other, and graphs traced for Neuron see plain `F.linear` and transformers' attention.
+    The choice is made when a graph is traced, so a program holds one form or the other,
+    and graphs traced for Neuron see plain `F.linear`, `F.gelu` and transformers' attention.
     """
 
     skinny_linear: bool = False  # torch.ops.optimum_gemma3.skinny_linear (modeling/kernels)
