@@ -76,7 +76,11 @@ def left_padded(batch: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor
 
 
 def compare_batch(reference, decoder, input_ids, mask, args, generation_config):
-    """Yield (match, max |logit diff|, passed) for each row of one batch."""
+    """(match, max |logit diff|, passed) for each row of one batch.
+
+    A list, not a generator: callers run it inside `tracing_with`, which must still hold
+    when the decoder runs.
+    """
     gen_kwargs = dict(
         max_new_tokens=args.max_new_tokens,
         do_sample=False,
@@ -110,6 +114,7 @@ def compare_batch(reference, decoder, input_ids, mask, args, generation_config):
                 forced_tokens=expected_tokens,
             )
     ours_tokens = ours.sequences[:, input_ids.shape[1] :]
+    rows = []
     for row in range(input_ids.shape[0]):
         match = token_match(ours_tokens[row], expected_tokens[row])
         if forced is not None:
@@ -120,7 +125,8 @@ def compare_batch(reference, decoder, input_ids, mask, args, generation_config):
             steps = min(steps, ours.logits.shape[1], expected_logits.shape[1])
             ours_logits, ref_logits = ours.logits[row, :steps], expected_logits[row, :steps]
             passed = match.first_divergence is None
-        yield match, (ours_logits - ref_logits).abs().max().item(), passed
+        rows.append((match, (ours_logits - ref_logits).abs().max().item(), passed))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         # A partial last batch is padded with copies so the static batch size holds.
         batch += [batch[-1]] * (args.batch_size - len(batch))
         input_ids, mask = left_padded(batch, generation_config.pad_token_id)
-        with tracing_with(cpu_kernels):  # list(): the generator must run inside the block
-            rows = list(compare_batch(reference, decoder, input_ids, mask, args, generation_config))
+        with tracing_with(cpu_kernels):
+            rows = compare_batch(reference, decoder, input_ids, mask, args, generation_config)
         for (name, ids), (match, max_diff, passed) in zip(chunk, rows, strict=False):
             first_diff = "-" if match.first_divergence is None else str(match.first_divergence)
             print(
