@@ -3,7 +3,8 @@
 The graphs only see static shapes; this module turns a user batch into them (left
 alignment, bucket padding) and runs transformers' token loop over them: logits
 processors, greedy or multinomial selection, EOS rows continuing with `pad_token_id`,
-stopping criteria and streamers.
+stopping criteria and streamers. A greedy step asks the head only for the logits its
+argmax can pick, where the head can say which those are (`NextTokenLogits.near_max`).
 """
 
 from __future__ import annotations
@@ -12,9 +13,111 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers.generation import (
+    EosTokenCriteria,
+    MaxLengthCriteria,
+    MaxTimeCriteria,
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+    NoRepeatNGramLogitsProcessor,
+    StopStringCriteria,
+    SuppressTokensAtBeginLogitsProcessor,
+    SuppressTokensLogitsProcessor,
+)
 
-PrefillFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-DecodeFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# Processors that only set some logits to -inf (transformers 4.57): after them the
+# largest logit is still an exact one of `near_max`, unless every such one was masked,
+# which its `floor` reveals.
+MASKING_PROCESSORS = (
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+    SuppressTokensLogitsProcessor,
+    SuppressTokensAtBeginLogitsProcessor,
+    NoRepeatNGramLogitsProcessor,
+)
+# Stopping criteria that never read the scores they are given.
+SCORE_BLIND_CRITERIA = (MaxLengthCriteria, MaxTimeCriteria, EosTokenCriteria, StopStringCriteria)
+
+
+class NextTokenLogits:
+    """One step's next-token logits `[rows, V]`, computed only as far as they are used.
+
+    `full()`: every exact logit. `near_max()`: the exact logit of every token that can be
+    its row's largest, -inf elsewhere, and per row a `floor` that every other token's
+    logit is below; a head that cannot screen returns the full logits and a floor of -inf.
+    Both are computed on the first call and kept.
+    """
+
+    def __init__(
+        self,
+        full: Callable[[], torch.Tensor],
+        near_max: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ):
+        self._full = full
+        self._near_max = near_max
+        self._cache: dict[str, object] = {}
+
+    @classmethod
+    def of(cls, logits: torch.Tensor) -> NextTokenLogits:
+        """Logits already computed in full."""
+        return cls(lambda: logits)
+
+    def full(self) -> torch.Tensor:
+        if "full" not in self._cache:
+            self._cache["full"] = self._full()
+        return self._cache["full"]
+
+    def near_max(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._near_max is None:
+            logits = self.full()
+            return logits, torch.full((logits.shape[0],), -torch.inf)
+        if "near_max" not in self._cache:
+            self._cache["near_max"] = self._near_max()
+        return self._cache["near_max"]
+
+
+PrefillFn = Callable[[torch.Tensor, torch.Tensor], NextTokenLogits]
+DecodeFn = Callable[[torch.Tensor, torch.Tensor], NextTokenLogits]
+
+
+def argmax_needs_only_the_max(logits_processor, stopping_criteria) -> bool:
+    """Whether greedy selection with these processors and criteria can use `near_max`:
+    transformers' masking processors and score-blind criteria only (exact types; a
+    subclass may read or change more)."""
+    return all(type(p) in MASKING_PROCESSORS for p in _members(logits_processor)) and all(
+        type(c) in SCORE_BLIND_CRITERIA for c in _members(stopping_criteria)
+    )
+
+
+def _members(processors_or_criteria) -> list:
+    """The members of a transformers list; a bare callable is its own (unknown) member."""
+    if processors_or_criteria is None:
+        return []
+    if isinstance(processors_or_criteria, list):
+        return processors_or_criteria
+    return [processors_or_criteria]
+
+
+def _step_scores(
+    step: NextTokenLogits, sequences: torch.Tensor, logits_processor, near_max_only: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step's fp32 logits and processed scores; with `near_max_only`, only the logits
+    that greedy selection can pick (the rest -inf) while that gives the same argmax."""
+
+    def process(logits: torch.Tensor) -> torch.Tensor:
+        return logits if logits_processor is None else logits_processor(sequences, logits)
+
+    if near_max_only:
+        logits, floor = step.near_max()
+        logits = logits.float()
+        scores = process(logits)
+        # Every other token's logit is below `floor`: a row whose best remaining score
+        # reaches it has its true argmax here. Otherwise masking removed all the exact
+        # candidates, and the argmax may be any token.
+        if bool((scores.max(-1).values >= floor).all()):
+            return logits, scores
+    logits = step.full().float()
+    return logits, process(logits)
 
 
 def left_align(
@@ -75,6 +178,8 @@ def decode_loop(
     `prompt_length` pads prompts on the left to a prefill bucket; `forced_tokens` ([B, N])
     teacher-forces the continuation (the logits stay the model's). The logits of every
     step (`[B, V]` each: 1 MB per row in fp32) are kept only with `output_logits`.
+    Greedy steps whose processors and criteria allow it (`argmax_needs_only_the_max`)
+    compute only the logits the argmax can pick: the same tokens, a fraction of the head.
     """
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
     ids, mask = left_align(
@@ -85,13 +190,17 @@ def decode_loop(
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool)
     if streamer is not None:
         streamer.put(input_ids.cpu())
+    near_max_only = (
+        not (do_sample or output_logits)
+        and forced_tokens is None
+        and argmax_needs_only_the_max(logits_processor, stopping_criteria)
+    )
     all_logits = []
-    logits = prefill(ids, mask)
+    next_logits = prefill(ids, mask)
     for step in range(max_new_tokens):
-        logits = logits.float()
+        logits, scores = _step_scores(next_logits, sequences, logits_processor, near_max_only)
         if output_logits:
             all_logits.append(logits)
-        scores = logits if logits_processor is None else logits_processor(sequences, logits)
         if forced_tokens is not None:
             token = forced_tokens[:, step]
         elif do_sample:
@@ -107,7 +216,7 @@ def decode_loop(
             unfinished &= ~stopping_criteria(sequences, scores)
         if not unfinished.any() or step == max_new_tokens - 1:
             break
-        logits = decode(token[:, None], positions)
+        next_logits = decode(token[:, None], positions)
         positions = positions + 1
     if streamer is not None:
         streamer.end()
@@ -118,8 +227,8 @@ def decode_loop(
 
 
 def greedy_generate(
-    prefill: PrefillFn,
-    decode: DecodeFn,
+    prefill: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    decode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     max_new_tokens: int,
@@ -128,10 +237,13 @@ def greedy_generate(
     prompt_length: int | None = None,
     forced_tokens: torch.Tensor | None = None,
 ) -> GenerationOutput:
-    """Greedy decoding with EOS handling only, keeping logits: the path of tests and scripts."""
+    """Greedy decoding with EOS handling only, keeping logits: the path of tests and scripts.
+
+    `prefill` and `decode` return full logits tensors (the eager decoder's methods).
+    """
     return decode_loop(
-        prefill,
-        decode,
+        lambda *args: NextTokenLogits.of(prefill(*args)),
+        lambda *args: NextTokenLogits.of(decode(*args)),
         input_ids,
         attention_mask,
         max_new_tokens,

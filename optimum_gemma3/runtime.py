@@ -31,8 +31,10 @@ from .exporters.artifacts import (
     weights_name,
 )
 from .exporters.neuron_config import Gemma3NeuronConfig
-from .generation import left_align
+from .generation import NextTokenLogits, left_align
+from .head import HostHead
 from .modeling import Gemma3Decoder, text_config
+from .modeling.decoder import head_weight_name
 from .modeling.program import cache_tensors, canonical
 from .weights import check_tensors
 
@@ -136,6 +138,8 @@ class Gemma3Runtime:
 
     Checks the folder against this host, then runs it on one `RankEngine` in this process,
     or with `tp_degree > 1` on a `RankPool` of rank processes it starts and stops itself.
+    Where the programs end at the final norm (`head_on_host`), it runs the head itself,
+    computing each step's logits only as far as the caller reads them.
     """
 
     def __init__(self, folder: str | Path, token: str | bool | None = None):
@@ -153,6 +157,9 @@ class Gemma3Runtime:
             from .ranks import RankPool
 
             self.engine = RankPool(folder, nc, text.vocab_size, token)
+        self.head = None
+        if nc.head_on_host:
+            self.head = HostHead(self.engine.weights[head_weight_name(text)])
 
     def close(self) -> None:
         """Stop the rank processes of a tensor-parallel model (also done when collected)."""
@@ -193,15 +200,21 @@ class Gemma3Runtime:
         padding = torch.full((self.batch_size - rows, *tensor.shape[1:]), fill, dtype=tensor.dtype)
         return torch.cat([tensor, padding])
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _next_token_logits(self, output: torch.Tensor) -> NextTokenLogits:
+        """A program's output rows as logits: its own, or those the head computes from it."""
+        if self.head is None:
+            return NextTokenLogits.of(output)
+        return self.head.next_token_logits(output)
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> NextTokenLogits:
         """Logits `[rows, V]` of each prompt's last token; fills the caches of these rows."""
         rows = input_ids.shape[0]
         bucket = self.bucket_for(int(attention_mask.sum(-1).max()))
         ids, mask = left_align(input_ids, attention_mask, self.pad_token_id, bucket)
         ids, mask = self._pad_batch(ids, self.pad_token_id), self._pad_batch(mask, 0)
-        return self.engine.prefill(ids, mask)[:rows]
+        return self._next_token_logits(self.engine.prefill(ids, mask)[:rows])
 
-    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor) -> NextTokenLogits:
         """Logits `[rows, V]` for one new token per row at `positions`; updates the caches."""
         rows = input_ids.shape[0]
         if int(positions.max()) >= self.sequence_length:
@@ -210,4 +223,6 @@ class Gemma3Runtime:
                 f"{self.sequence_length}."
             )
         ids = self._pad_batch(input_ids, self.pad_token_id)
-        return self.engine.decode(ids, self._pad_batch(positions, 0))[:rows]
+        return self._next_token_logits(
+            self.engine.decode(ids, self._pad_batch(positions, 0))[:rows]
+        )

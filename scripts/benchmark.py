@@ -151,6 +151,10 @@ def run_config(args, model_dir, dtype_name, batch, tp_degree, bandwidth) -> dict
     return result
 
 
+def full_decode_step(runtime, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    return runtime.decode(ids, positions).full()
+
+
 def decode_scaling(args, model_dir, context: int = 256) -> dict[int, float]:
     """Decode ms/step at the same context for programs compiled with different cache lengths."""
     times = {}
@@ -164,7 +168,10 @@ def decode_scaling(args, model_dir, context: int = 256) -> dict[int, float]:
             instance_type="cpu",
         )
         runtime = Gemma3NeuronModelForCausalLM.export(model_dir, config).runtime
-        step = functools.partial(runtime.decode, torch.tensor([[1000]]), torch.tensor([context]))
+        # Every logit, as the step's cost before it was split from the head.
+        step = functools.partial(
+            full_decode_step, runtime, torch.tensor([[1000]]), torch.tensor([context])
+        )
         with torch.inference_mode():
             step()
             steps = [timed(step) for _ in range(10)]

@@ -120,6 +120,32 @@ def test_decode_program_never_copies_a_whole_cache(exported):
     assert not caches & shapes
 
 
+def test_cpu_programs_end_at_the_final_norm_and_the_runtime_runs_the_head(exported):
+    """One-rank `cpu` programs return final-normed hidden states; the runtime's head turns
+    them into logits, in full or near the max only. Elsewhere the head stays in the
+    programs, and folders written before the field existed keep theirs."""
+    source, model, folder = exported
+    runtime = model.runtime
+    assert model.neuron_config.head_on_host and runtime.head is not None
+    ids, mask = torch.tensor([[0, 0, 7, 8, 9]]), torch.tensor([[0, 0, 1, 1, 1]])
+    with torch.inference_mode():
+        step = runtime.prefill(ids, mask)
+        hidden = runtime.engine.decode(torch.zeros(3, 1, dtype=torch.long), torch.zeros(3).long())
+    assert hidden.shape == (3, model.config.hidden_size)
+    logits = step.full()
+    assert logits.shape == (1, model.config.vocab_size)
+    near, floor = step.near_max()
+    assert torch.equal(near.argmax(-1), logits.argmax(-1)) and (logits < floor).any()
+
+    sharded = Gemma3NeuronModelForCausalLM.get_neuron_config(
+        source, instance_type="cpu", tensor_parallel_size=2, **SHAPE
+    )
+    assert not sharded.head_on_host
+    recorded = json.loads((folder / "neuron_config.json").read_text())
+    del recorded["head_on_host"]
+    assert not Gemma3NeuronConfig.from_dict(recorded).head_on_host
+
+
 def test_second_export_of_same_shape_skips_compilation(exported, tmp_path, monkeypatch, caplog):
     """Other weights, same architecture and shapes: every program comes from the cache."""
     other = save_random_checkpoint("4b", tmp_path / "finetune")  # same name: same shape

@@ -112,6 +112,7 @@ def _compile_programs(text, neuron_config, backend, versions, folder: Path) -> d
         "dtype": neuron_config.dtype_name,
         "tp_degree": neuron_config.tp_degree,
         "target": neuron_config.target,
+        "head_on_host": neuron_config.head_on_host,
         "program_format": PROGRAM_FORMAT,
     }
     # One program serves every rank; tracing a sharded graph needs a process group.
@@ -119,7 +120,7 @@ def _compile_programs(text, neuron_config, backend, versions, folder: Path) -> d
     with group:
         for kind, length, name in tqdm(jobs, desc="compile", unit="graph"):
             key = program_key(text.to_dict(), {"kind": kind, "length": length, **shape}, versions)
-            program = GraphProgram(decoder, kind)
+            program = GraphProgram(decoder, kind, with_head=not neuron_config.head_on_host)
             inputs = example_inputs(decoder, kind, length)
             hit = compile_cached(
                 key,

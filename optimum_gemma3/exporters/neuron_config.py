@@ -69,6 +69,7 @@ class Gemma3NeuronConfig(NxDNeuronConfig):
         compiler: str | None = None,
         compiler_version: str | None = None,
         artifact_files: dict[str, str | None] | None = None,
+        head_on_host: bool | None = None,
         **kwargs,
     ):
         # Normalized here, before the base class maps names with its own table: aliases
@@ -84,6 +85,12 @@ class Gemma3NeuronConfig(NxDNeuronConfig):
         # Every file the runtime needs, by path in the folder: the sha256 of each program,
         # None for the weights (too large to hash on every load; safetensors checks them).
         self.artifact_files = artifact_files or {}
+        # Whether the programs end at the final norm and the runtime runs the vocabulary
+        # head, computing only the logits a step needs (`optimum_gemma3.head`): the `cpu`
+        # target with one rank. Elsewhere the head stays in the program, on the device.
+        if head_on_host is None:
+            head_on_host = self.target == "cpu" and self.tp_degree == 1
+        self.head_on_host = head_on_host
 
     @property
     def dtype_name(self) -> str:
@@ -111,6 +118,8 @@ class Gemma3NeuronConfig(NxDNeuronConfig):
                 raise ValueError(
                     f"{key}={recorded!r} in the export config, but this host has {current!r}."
                 )
+        # Folders written before the field existed have the head in their programs.
+        config_dict.setdefault("head_on_host", False)
         serialized_key = config_dict.pop("_serialized_key", None)
         if serialized_key != cls.__name__:
             raise ValueError(f"_serialized_key={serialized_key!r}, expected {cls.__name__!r}.")
@@ -155,6 +164,11 @@ class Gemma3NeuronConfig(NxDNeuronConfig):
                 "Neuron path through neuronx-distributed's parallel layers is missing (sharded "
                 "weights must be per-core parameters there, not program inputs). Use "
                 "tp_degree=1 on Neuron, or instance_type='cpu' for tensor parallelism."
+            )
+        if self.head_on_host and (self.target != "cpu" or self.tp_degree > 1):
+            raise ValueError(
+                "head_on_host=True needs target 'cpu' and tp_degree=1: elsewhere the head "
+                "stays in the programs."
             )
         buckets = self.context_encoding_buckets
         if not buckets or any(not _positive(b) for b in buckets) or buckets != sorted(set(buckets)):

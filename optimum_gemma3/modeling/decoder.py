@@ -142,6 +142,11 @@ class DecoderLayer(nn.Module):
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
 
+def head_weight_name(config) -> str:
+    """The weight name of the vocabulary head: the unscaled embedding table when tied."""
+    return "embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+
+
 class Gemma3Decoder(nn.Module):
     """Weights, caches and the two forward passes of a Gemma-3 text decoder.
 
@@ -247,14 +252,22 @@ class Gemma3Decoder(nn.Module):
             rows = all_reduce(rows)
         return rows * self.embed_scale.to(weight.dtype)
 
-    def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
-        """Head on the final-normed hidden state of one token per row. Tied: the unscaled table."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+    def head_weight(self) -> torch.Tensor:
+        """The vocabulary head's weight (`head_weight_name`)."""
+        return self.get_parameter(head_weight_name(self.config))
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of final-normed hidden states (one token per row)."""
         if self.layout.degree == 1:
-            return linear(self.norm(h_last), weight)
+            return linear(hidden, self.head_weight())
         # F.linear: the gathered tensor must not be a custom op's output (RowParallelLinear).
-        logits = torch.nn.functional.linear(self.norm(h_last), weight)
+        logits = torch.nn.functional.linear(hidden, self.head_weight())
         return gather_vocab(logits, getattr(self, RANK_NAME), self.config.vocab_size)
+
+    def _output(self, h: torch.Tensor, with_head: bool) -> torch.Tensor:
+        """Each row's last token, final-normed, then through the head `with_head`."""
+        hidden = self.norm(h[:, -1])
+        return self.head(hidden) if with_head else hidden
 
     def _run_layers(
         self, h: torch.Tensor, inputs: dict[str, LayerInputs], last_token_only: bool = False
@@ -264,8 +277,11 @@ class Gemma3Decoder(nn.Module):
             h = layer(h, inputs[layer.layer_type])
         return last(h, inputs[last.layer_type], last_token_only)
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Run a left-padded prompt batch, fill every cache, return last-token logits."""
+    def prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_head: bool = True
+    ) -> torch.Tensor:
+        """Run a left-padded prompt batch, fill every cache, return last-token logits (or,
+        without the head, the final-normed hidden states the head takes)."""
         prompt_len = input_ids.shape[1]
         lengths = attention_mask.sum(-1)
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -284,10 +300,13 @@ class Gemma3Decoder(nn.Module):
         # (a 1/num_layers share of the prefill's products). The last token's result is the
         # same computation; only its one-row products may sum in another order.
         h = self._run_layers(self._embed(input_ids), inputs, last_token_only=True)
-        return self._logits(h[:, -1])
+        return self._output(h, with_head)
 
-    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Run one token per row at `positions`, updating the caches in place."""
+    def decode(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, with_head: bool = True
+    ) -> torch.Tensor:
+        """Run one token per row at `positions`, updating the caches in place; return its
+        logits (or, without the head, the final-normed hidden states)."""
         inputs = {}
         for kind in LAYER_TYPES:
             cos, sin = self.rotary[kind](positions[:, None], self.dtype)
@@ -300,26 +319,28 @@ class Gemma3Decoder(nn.Module):
                 filled=filled_slots(positions, cache_len),
             )
         h = self._run_layers(self._embed(input_ids), inputs)
-        return self._logits(h[:, -1])
+        return self._output(h, with_head)
 
 
 class PrefillGraph(nn.Module):
     """`Gemma3Decoder.prefill` as a module's forward, for tracing one prompt bucket."""
 
-    def __init__(self, decoder: Gemma3Decoder):
+    def __init__(self, decoder: Gemma3Decoder, with_head: bool = True):
         super().__init__()
         self.decoder = decoder
+        self.with_head = with_head
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.decoder.prefill(input_ids, attention_mask)
+        return self.decoder.prefill(input_ids, attention_mask, self.with_head)
 
 
 class DecodeGraph(nn.Module):
     """`Gemma3Decoder.decode` as a module's forward, for tracing the one-token step."""
 
-    def __init__(self, decoder: Gemma3Decoder):
+    def __init__(self, decoder: Gemma3Decoder, with_head: bool = True):
         super().__init__()
         self.decoder = decoder
+        self.with_head = with_head
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.decoder.decode(input_ids, positions)
+        return self.decoder.decode(input_ids, positions, self.with_head)

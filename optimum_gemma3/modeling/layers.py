@@ -73,8 +73,11 @@ def tracing_with(cpu_kernels: CpuKernels) -> Iterator[None]:
         _cpu_kernels = previous
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`x @ weight.T`, by the fastest product the tracing host has for this shape.
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, cpu_kernels: CpuKernels | None = None
+) -> torch.Tensor:
+    """`x @ weight.T`, by the fastest product the tracing host has for this shape (or by
+    `cpu_kernels`' choice, for eager callers such as the runtime's head).
 
     Why: decode multiplies 1-8 rows by each weight, so it is bound by how fast weights
     stream from memory, and BLAS streams them slowly here: on our AMD AVX2 hosts MKL's
@@ -87,12 +90,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     fp32 copies (exact) and is rounded once: the same fp32-sum, one-rounding contract as
     a bf16 GEMM, at fp32 speed.
     """
+    chosen = cpu_kernels or _cpu_kernels
     rows = x.numel() // x.shape[-1]
-    if _cpu_kernels.skinny_linear and rows <= SKINNY_MAX_ROWS:
+    if chosen.skinny_linear and rows <= SKINNY_MAX_ROWS:
         return torch.ops.optimum_gemma3.skinny_linear(x, weight)
-    if _cpu_kernels.bf16_products_in_fp32 and x.dtype == torch.bfloat16:
-        return linear(x.float(), weight.float()).to(x.dtype)
-    if _cpu_kernels.onednn and x.dtype == torch.float32:
+    if chosen.bf16_products_in_fp32 and x.dtype == torch.bfloat16:
+        return linear(x.float(), weight.float(), chosen).to(x.dtype)
+    if chosen.onednn and x.dtype == torch.float32:
         return torch.ops.optimum_gemma3.dense(x, weight)
     return F.linear(x, weight)
 

@@ -19,15 +19,20 @@ PREFILL = "prefill"
 DECODE = "decode"
 # Bumped whenever a graph, the program signature or the input layout changes: part of
 # compile-cache keys, which do not hash the graph source.
-PROGRAM_FORMAT = 9
+PROGRAM_FORMAT = 10
 
 
 class GraphProgram(nn.Module):
-    """`PrefillGraph` or `DecodeGraph` with its weights and caches passed in as dicts."""
+    """`PrefillGraph` or `DecodeGraph` with its weights and caches passed in as dicts.
 
-    def __init__(self, decoder: Gemma3Decoder, kind: str):
+    `with_head=False` ends the program at the final norm: the runtime then runs the head
+    itself, as far as each step needs (see `Gemma3NeuronConfig.head_on_host`).
+    """
+
+    def __init__(self, decoder: Gemma3Decoder, kind: str, with_head: bool = True):
         super().__init__()
-        graph = PrefillGraph(decoder) if kind == PREFILL else DecodeGraph(decoder)
+        graph_class = PrefillGraph if kind == PREFILL else DecodeGraph
+        graph = graph_class(decoder, with_head)
         # Held outside the module tree: the decoder's own tensors must not be captured as
         # program constants. Only its fixed fp32 tables (RoPE, embed scale) are.
         self._graph = (graph,)

@@ -2,6 +2,9 @@
 
 - `skinny_linear.cpp`: `torch.ops.optimum_gemma3.skinny_linear`, decode-sized products
   streaming each weight once;
+- `screened_linear.cpp`: `torch.ops.optimum_gemma3.screened_linear`, the exact logits of
+  only the tokens that can be a row's largest (greedy steps), screened with the int8 head
+  copy `torch.ops.optimum_gemma3.quantize_rows` makes;
 - `decode_attention.cpp`: `torch.ops.optimum_gemma3.decode_attention`, one query token
   per row over the filled slots of its KV cache, in the cache's dtype;
 - `dense.cpp`: `torch.ops.optimum_gemma3.dense`, oneDNN's fp32 product for many rows
@@ -36,8 +39,11 @@ from ...paths import cache_root
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "skinny_linear.cpp", HERE / "decode_attention.cpp", HERE / "dense.cpp")
-HEADERS = (HERE / "vector.h", HERE / "linear_shapes.h")
+SOURCES = tuple(
+    HERE / name
+    for name in ("skinny_linear.cpp", "screened_linear.cpp", "decode_attention.cpp", "dense.cpp")
+)
+HEADERS = (HERE / "vector.h", HERE / "linear_shapes.h", HERE / "row_products.h")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
 # CPU capabilities (torch.backends.cpu.get_cpu_capability) that have AVX2 and FMA.
 SUPPORTED_CAPABILITIES = ("AVX2", "AVX512")

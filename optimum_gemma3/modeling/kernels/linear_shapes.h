@@ -1,4 +1,5 @@
-// The shape contract shared by this package's product kernels (skinny_linear, dense).
+// The shape contract shared by this package's product kernels (skinny_linear, screened_linear,
+// dense).
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,0 +1,55 @@
+"""The vocabulary head, run by the runtime after a program that ends at the final norm.
+
+Why on the host: greedy decoding needs only each row's largest logit, yet computing all
+262144 reads the whole head, most of a small model's weights (671 MB of the 270M's 1.07 GB
+in fp32). `screened_linear` finds the few tokens that can be largest from an int8 copy of
+the head and computes just those exactly, so a greedy step reads a quarter of the head
+in fp32 (half in bf16) and picks the same token. Sampling, `output_logits` and processors
+that change values still get every logit, from the same product the program would run.
+Used by `cpu` artifacts with one rank (`Gemma3NeuronConfig.head_on_host`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .generation import NextTokenLogits
+from .modeling.layers import SKINNY_MAX_ROWS, CpuKernels, linear
+
+logger = logging.getLogger(__name__)
+
+
+class HostHead:
+    """`hidden @ weight.T` on demand: in full, or only where it can be a row's largest.
+
+    Holds an int8 copy of the weight with one scale per row (`quantize_rows`), made at
+    load: a quarter of the fp32 head's memory (168 MB for Gemma-3's vocabulary at 640
+    features). Without the CPU kernels there is no screening, only the full product.
+    """
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+        self.cpu_kernels = CpuKernels.for_host()
+        self.screen = None
+        if self.cpu_kernels.skinny_linear:
+            self.screen = torch.ops.optimum_gemma3.quantize_rows(weight)
+            logger.info(
+                "Screening head: int8 copy of %s, %d MB", tuple(weight.shape), weight.numel() >> 20
+            )
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Every logit, by the product the program itself would have used."""
+        return linear(hidden, self.weight, self.cpu_kernels)
+
+    def near_max(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`NextTokenLogits.near_max` (screened for up to `SKINNY_MAX_ROWS` rows, whose full
+        product is `skinny_linear`, the one whose sums the screen reproduces)."""
+        if self.screen is None or hidden.shape[0] > SKINNY_MAX_ROWS:
+            logits = self.logits(hidden)
+            return logits, torch.full((hidden.shape[0],), -torch.inf)
+        return torch.ops.optimum_gemma3.screened_linear(hidden, self.weight, *self.screen)
+
+    def next_token_logits(self, hidden: torch.Tensor) -> NextTokenLogits:
+        return NextTokenLogits(lambda: self.logits(hidden), lambda: self.near_max(hidden))
