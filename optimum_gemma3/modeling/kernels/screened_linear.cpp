@@ -30,6 +30,7 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "row_products.h"
@@ -75,13 +76,10 @@ void exact_row(int64_t M, const float* x, const W* w, int64_t n, int64_t K, floa
   multiply(M, x, w + n * K, out, 0, 1, K, 1);
 }
 
-float rounded(float value, bool bf16) {
-  return bf16 ? static_cast<float>(c10::BFloat16(value)) : value;
-}
-
-template <typename W>
+// out (fp32 or bf16) holds the exact values of the candidates, -inf elsewhere.
+template <typename W, typename O>
 void screen(int64_t M, const float* x, const W* w, const int8_t* q8, const float* scales,
-            int64_t N, int64_t K, bool bf16, float* out_values, float* floor) {
+            int64_t N, int64_t K, O* out, float* floor) {
   const double g = (K + 2) * static_cast<double>(kUnitRoundoff);
   const double gamma = g / (1.0 - g);
   const float coefficient = static_cast<float>((0.5 + 384.0 * gamma) * (1.0 + 4.0 * gamma));
@@ -95,7 +93,11 @@ void screen(int64_t M, const float* x, const W* w, const int8_t* q8, const float
   }
 
   // Pass 1: screened logits a[m, n] = s_n (x_m . q_n), and each chunk's best a per row.
-  std::vector<float> approx(M * N);
+  // Kept per calling thread across calls: a fresh megabyte per row costs its page faults.
+  // (Used through a pointer: inside the workers the name would mean their own copy.)
+  thread_local std::vector<float> scratch;
+  if (scratch.size() < static_cast<size_t>(M * N)) scratch.resize(M * N);
+  float* approx = scratch.data();
   const int64_t chunks = std::max<int64_t>(1, at::get_num_threads() * kChunksPerThread);
   const int64_t chunk_size = (N + chunks - 1) / chunks;
   std::vector<int64_t> chunk_best(chunks * M, 0);
@@ -103,9 +105,9 @@ void screen(int64_t M, const float* x, const W* w, const int8_t* q8, const float
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t n0 = std::min(N, c * chunk_size), n1 = std::min(N, n0 + chunk_size);
       if (n0 == n1) continue;
-      multiply(M, x, q8, approx.data(), n0, n1, K, N);
+      multiply(M, x, q8, approx, n0, n1, K, N);
       for (int64_t m = 0; m < M; ++m) {
-        float* a = approx.data() + m * N;
+        float* a = approx + m * N;
         int64_t best = n0;
         for (int64_t n = n0; n < n1; ++n) {
           a[n] *= scales[n];
@@ -125,9 +127,9 @@ void screen(int64_t M, const float* x, const W* w, const int8_t* q8, const float
       if (approx[m * N + n] > approx[m * N + anchor]) anchor = n;
     }
     exact_row(M, x, w, anchor, K, exact.data());
-    const float top = rounded(exact[m], bf16);
+    const float top = static_cast<float>(static_cast<O>(exact[m]));  // rounded as out is
     floor[m] = finite ? top : -std::numeric_limits<float>::infinity();
-    const float margin = bf16 ? 0x1p-5f : 0x1p-20f;
+    const float margin = std::is_same_v<O, float> ? 0x1p-20f : 0x1p-5f;
     threshold[m] = top - std::abs(top) * margin - 1e-30f;
   }
 
@@ -136,13 +138,15 @@ void screen(int64_t M, const float* x, const W* w, const int8_t* q8, const float
     std::vector<float> values(M);
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t n0 = std::min(N, c * chunk_size), n1 = std::min(N, n0 + chunk_size);
+      for (int64_t m = 0; m < M; ++m)
+        std::fill(out + m * N + n0, out + m * N + n1, -std::numeric_limits<float>::infinity());
       for (int64_t n = n0; n < n1; ++n) {
         bool candidate = !finite;
         for (int64_t m = 0; m < M && !candidate; ++m)
           candidate = approx[m * N + n] + radius[m] * scales[n] >= threshold[m];
         if (!candidate) continue;
         exact_row(M, x, w, n, K, values.data());
-        for (int64_t m = 0; m < M; ++m) out_values[m * N + n] = values[m];
+        for (int64_t m = 0; m < M; ++m) out[m * N + n] = static_cast<O>(values[m]);
       }
     }
   });
@@ -165,22 +169,17 @@ std::tuple<at::Tensor, at::Tensor> screened_linear_cpu(const at::Tensor& x,
   TORCH_CHECK(M >= 1 && M <= kMaxRows, "screened_linear: 1 to ", kMaxRows, " rows, got ", M);
   std::vector<float> widened;
   const float* xf = fp32_rows(rows, widened);
-  const bool bf16 = x.scalar_type() == at::kBFloat16;
-  // Non-candidates read as -inf; candidates as skinny_linear computes them.
-  std::vector<float> values(M * N, -std::numeric_limits<float>::infinity());
+  // Non-candidates read as -inf; candidates as skinny_linear computes them (x's dtype).
+  at::Tensor out = at::empty({M, N}, x.options());
   at::Tensor floor = at::empty({M}, x.options().dtype(at::kFloat));
   const at::Tensor w = weight.contiguous(), q = q8.contiguous(), s = scales.contiguous();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = s.data_ptr<float>();
+  float* fp = floor.data_ptr<float>();
   if (w.scalar_type() == at::kFloat)
-    screen(M, xf, w.data_ptr<float>(), q.data_ptr<int8_t>(), s.data_ptr<float>(), N, K, bf16,
-           values.data(), floor.data_ptr<float>());
+    screen(M, xf, w.data_ptr<float>(), qp, sp, N, K, out.data_ptr<float>(), fp);
   else
-    screen(M, xf, w.data_ptr<c10::BFloat16>(), q.data_ptr<int8_t>(), s.data_ptr<float>(), N,
-           K, bf16, values.data(), floor.data_ptr<float>());
-  at::Tensor out = at::empty({M, N}, x.options());
-  if (bf16)
-    std::copy(values.begin(), values.end(), out.data_ptr<c10::BFloat16>());
-  else
-    std::copy(values.begin(), values.end(), out.data_ptr<float>());
+    screen(M, xf, w.data_ptr<c10::BFloat16>(), qp, sp, N, K, out.data_ptr<c10::BFloat16>(), fp);
   std::vector<int64_t> floor_sizes(sizes.begin(), sizes.end() - 1);
   return {out.view(sizes), floor.view(floor_sizes)};
 }
