@@ -53,9 +53,10 @@ class NextTokenLogits:
         full: Callable[[], torch.Tensor],
         near_max: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
     ):
-        self._full = full
-        self._near_max = near_max
-        self._cache: dict[str, object] = {}
+        self._compute_full = full
+        self._compute_near_max = near_max
+        self._full: torch.Tensor | None = None
+        self._near_max: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def of(cls, logits: torch.Tensor) -> NextTokenLogits:
@@ -63,17 +64,17 @@ class NextTokenLogits:
         return cls(lambda: logits)
 
     def full(self) -> torch.Tensor:
-        if "full" not in self._cache:
-            self._cache["full"] = self._full()
-        return self._cache["full"]
+        if self._full is None:
+            self._full = self._compute_full()
+        return self._full
 
     def near_max(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._near_max is None:
+        if self._compute_near_max is None:
             logits = self.full()
             return logits, torch.full((logits.shape[0],), -torch.inf)
-        if "near_max" not in self._cache:
-            self._cache["near_max"] = self._near_max()
-        return self._cache["near_max"]
+        if self._near_max is None:
+            self._near_max = self._compute_near_max()
+        return self._near_max
 
 
 PrefillFn = Callable[[torch.Tensor, torch.Tensor], NextTokenLogits]

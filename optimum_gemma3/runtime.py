@@ -207,7 +207,8 @@ class Gemma3Runtime:
         return self.head.next_token_logits(output)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> NextTokenLogits:
-        """Logits `[rows, V]` of each prompt's last token; fills the caches of these rows."""
+        """Logits `[rows, V]` of each prompt's last token, computed as far as they are read;
+        fills the caches of these rows."""
         rows = input_ids.shape[0]
         bucket = self.bucket_for(int(attention_mask.sum(-1).max()))
         ids, mask = left_align(input_ids, attention_mask, self.pad_token_id, bucket)
@@ -215,7 +216,8 @@ class Gemma3Runtime:
         return self._next_token_logits(self.engine.prefill(ids, mask)[:rows])
 
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor) -> NextTokenLogits:
-        """Logits `[rows, V]` for one new token per row at `positions`; updates the caches."""
+        """Logits `[rows, V]` for one new token per row at `positions`, computed as far as
+        they are read; updates the caches."""
         rows = input_ids.shape[0]
         if int(positions.max()) >= self.sequence_length:
             raise ValueError(
