@@ -43,13 +43,16 @@ class HostHead:
         """Every logit, by the product the program itself would have used."""
         return linear(hidden, self.weight, self.cpu_kernels)
 
-    def near_max(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`NextTokenLogits.near_max` (screened for up to `SKINNY_MAX_ROWS` rows, whose full
-        product is `skinny_linear`, the one whose sums the screen reproduces)."""
-        if self.screen is None or hidden.shape[0] > SKINNY_MAX_ROWS:
-            logits = self.logits(hidden)
-            return logits, torch.full((hidden.shape[0],), -torch.inf)
+    def screened(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`NextTokenLogits.near_max` by `screened_linear` (needs the kernels, and at most
+        `SKINNY_MAX_ROWS` rows: the full product is then `skinny_linear`, whose sums the
+        screen reproduces)."""
         return torch.ops.optimum_gemma3.screened_linear(hidden, self.weight, *self.screen)
 
     def next_token_logits(self, hidden: torch.Tensor) -> NextTokenLogits:
-        return NextTokenLogits(lambda: self.logits(hidden), lambda: self.near_max(hidden))
+        """The logits of `hidden`, screened for `near_max` where `screened` applies (else
+        `NextTokenLogits` answers `near_max` with every logit)."""
+        can_screen = self.screen is not None and hidden.shape[0] <= SKINNY_MAX_ROWS
+        return NextTokenLogits(
+            lambda: self.logits(hidden), (lambda: self.screened(hidden)) if can_screen else None
+        )

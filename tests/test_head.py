@@ -112,10 +112,10 @@ def test_screened_linear_refuses_bad_inputs():
 def test_host_head_screens_few_rows_and_computes_many_in_full():
     head = HostHead(torch.randn(700, 64))
     few = torch.randn(2, 64)
-    logits, floor = head.near_max(few)
+    logits, floor = head.next_token_logits(few).near_max()
     assert torch.isinf(logits).any() and torch.isfinite(floor).all()
     many = torch.randn(SKINNY_MAX_ROWS + 1, 64)
-    logits, floor = head.near_max(many)
+    logits, floor = head.next_token_logits(many).near_max()
     assert torch.equal(logits, head.logits(many)) and (floor == -torch.inf).all()
 
 

@@ -67,8 +67,8 @@ void multiply_rows(const float* x, const W* w, float* out, int64_t n0, int64_t n
 }
 
 template <typename W>
-inline void multiply(int64_t M, const float* x, const W* w, float* out, int64_t n0, int64_t n1,
-              int64_t K, int64_t N) {
+inline void multiply(int64_t M, const float* x, const W* w, float* out, int64_t n0,
+                     int64_t n1, int64_t K, int64_t N) {
   switch (M) {
     case 1: return multiply_rows<1, 4>(x, w, out, n0, n1, K, N);
     case 2: return multiply_rows<2, 4>(x, w, out, n0, n1, K, N);

@@ -24,12 +24,8 @@ namespace {
 
 using namespace optimum_gemma3;
 
-std::vector<int64_t> output_sizes(const at::Tensor& x, const at::Tensor& weight) {
-  return few_row_output_sizes("skinny_linear", x, weight);
-}
-
 at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight) {
-  const auto sizes = output_sizes(x, weight);
+  const auto sizes = few_row_output_sizes("skinny_linear", x, weight);
   const int64_t K = weight.size(1), N = weight.size(0);
   const at::Tensor w = weight.contiguous();
   const at::Tensor rows = x.reshape({-1, K}).contiguous();
@@ -60,7 +56,7 @@ at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight) {
 }
 
 at::Tensor skinny_linear_meta(const at::Tensor& x, const at::Tensor& weight) {
-  return at::empty(output_sizes(x, weight), x.options());
+  return at::empty(few_row_output_sizes("skinny_linear", x, weight), x.options());
 }
 
 }  // namespace
