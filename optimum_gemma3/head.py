@@ -1,11 +1,12 @@
 """The vocabulary head, run by the runtime after a program that ends at the final norm.
 
-Why on the host: greedy decoding needs only each row's largest logit, yet computing all
-262144 reads the whole head, most of a small model's weights (671 MB of the 270M's 1.07 GB
-in fp32). `screened_linear` finds the few tokens that can be largest from an int8 copy of
-the head and computes just those exactly, so a greedy step reads a quarter of the head
-in fp32 (half in bf16) and picks the same token. Sampling, `output_logits` and processors
-that change values still get every logit, from the same product the program would run.
+Why on the host: greedy decoding needs only each row's largest logit, and top-k sampling
+its k largest, yet computing all 262144 reads the whole head, most of a small model's
+weights (671 MB of the 270M's 1.07 GB in fp32). `screened_linear` finds the few tokens
+that can be among them from an int8 copy of the head and computes just those exactly, so
+such a step reads a quarter of the head in fp32 (half in bf16) and picks the same token.
+Sampling without top-k, `output_logits` and processors that change values before top-k
+still get every logit, from the same product the program would run.
 Used by `cpu` artifacts with one rank (`Gemma3NeuronConfig.head_on_host`).
 """
 
@@ -43,16 +44,18 @@ class HostHead:
         """Every logit, by the product the program itself would have used."""
         return linear(hidden, self.weight, self.cpu_kernels)
 
-    def screened(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`NextTokenLogits.near_max` by `screened_linear` (needs the kernels, and at most
+    def screened(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`NextTokenLogits.near_top(k)` by `screened_linear` (needs the kernels, and at most
         `SKINNY_MAX_ROWS` rows: the full product is then `skinny_linear`, whose sums the
-        screen reproduces)."""
-        return torch.ops.optimum_gemma3.screened_linear(hidden, self.weight, *self.screen)
+        screen reproduces). A k beyond the vocabulary asks for every token, as top-k does."""
+        k = min(k, self.weight.shape[0])
+        return torch.ops.optimum_gemma3.screened_linear(hidden, self.weight, *self.screen, k=k)
 
     def next_token_logits(self, hidden: torch.Tensor) -> NextTokenLogits:
-        """The logits of `hidden`, screened for `near_max` where `screened` applies (else
-        `NextTokenLogits` answers `near_max` with every logit)."""
+        """The logits of `hidden`, screened for `near_top` where `screened` applies (else
+        `NextTokenLogits` answers `near_top` with every logit)."""
         can_screen = self.screen is not None and hidden.shape[0] <= SKINNY_MAX_ROWS
         return NextTokenLogits(
-            lambda: self.logits(hidden), (lambda: self.screened(hidden)) if can_screen else None
+            lambda: self.logits(hidden),
+            (lambda k: self.screened(hidden, k)) if can_screen else None,
         )

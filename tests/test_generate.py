@@ -24,6 +24,7 @@ from transformers import (
 
 import optimum_gemma3
 from optimum_gemma3 import Gemma3NeuronModelForCausalLM
+from optimum_gemma3.head import HostHead
 from tests.test_artifacts import SHAPE, exported  # noqa: F401  (session fixture)
 from tests.test_parity import left_padded_batch
 from tests.tiny_models import load_reference, tiny_tokenizer
@@ -168,12 +169,18 @@ def test_greedy_uses_generation_config_and_kwargs(compiled):
         dict(top_k=50, top_p=0.95, temperature=0.9, repetition_penalty=1.2),
     ],
 )
-def test_sampling_is_seeded_and_matches_transformers(compiled, options):
+def test_sampling_is_seeded_and_matches_transformers(compiled, options, monkeypatch):
+    """Top-k sampling (transformers' default top_k=50 included) draws from the screened
+    head, unless a penalty comes before top-k; the draws are transformers' either way."""
+    screened = []
+    screen = HostHead.screened
+    monkeypatch.setattr(HostHead, "screened", lambda *a: screened.append(1) or screen(*a))
     ids, mask = left_padded_batch(520, seed=13)
     ours, expected = both_generate(
         compiled, ids, mask, seed=42, do_sample=True, max_new_tokens=24, **options
     )
     assert torch.equal(ours, expected)
+    assert len(screened) == (0 if "repetition_penalty" in options else 24)
 
 
 def test_eos_and_min_new_tokens(compiled):

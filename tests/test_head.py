@@ -1,9 +1,9 @@
-"""The screened head: greedy steps compute only the logits their argmax can pick.
+"""The screened head: greedy and top-k sampling steps compute only the logits they can pick.
 
 `screened_linear` must return skinny_linear's own values wherever it returns a value,
-and a floor every other logit is below; the token loop must use it only where that gives
-the argmax of every logit, and fall back to every logit where a processor masked the
-candidates away.
+and a floor that k of them reach and every other logit is below; the token loop must use
+it only where that gives the scores every logit would give, and fall back to every logit
+where a processor masked the candidates away.
 """
 
 from __future__ import annotations
@@ -16,9 +16,18 @@ from transformers.generation import (
     StoppingCriteria,
     StoppingCriteriaList,
     SuppressTokensLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
 )
 
-from optimum_gemma3.generation import NextTokenLogits, decode_loop
+from optimum_gemma3.generation import (
+    MAX_SCREENED_TOP_K,
+    NextTokenLogits,
+    _step_scores,
+    decode_loop,
+    screened_selection,
+)
 from optimum_gemma3.head import HostHead
 from optimum_gemma3.modeling.layers import SKINNY_MAX_ROWS
 from tests.test_kernels import needs_kernels, skinny_linear
@@ -28,8 +37,8 @@ def quantize_rows(weight):
     return torch.ops.optimum_gemma3.quantize_rows(weight)
 
 
-def screened_linear(x, weight):
-    return torch.ops.optimum_gemma3.screened_linear(x, weight, *quantize_rows(weight))
+def screened_linear(x, weight, k=1):
+    return torch.ops.optimum_gemma3.screened_linear(x, weight, *quantize_rows(weight), k=k)
 
 
 @needs_kernels
@@ -62,26 +71,30 @@ def tied_weight(dtype, features: int, generator) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("features", [100, 640])  # 100: not a multiple of 8 lanes
-def test_screened_values_are_skinny_linear_and_bound_the_rest(dtype, rows, features):
+@pytest.mark.parametrize("k", [1, 50])  # greedy; transformers' default top-k
+def test_screened_values_are_skinny_linear_and_bound_the_rest(dtype, rows, features, k):
     generator = torch.Generator().manual_seed(rows * features)
     weight, base = tied_weight(dtype, features, generator)
     x = torch.randn(rows, features, generator=generator)
     x[0] = base.sign() * x[0].abs()  # row 0's largest logits are in the cluster
     x = (3 * x).to(dtype)
     full = skinny_linear(x, weight)
-    ours, floor = screened_linear(x, weight)
+    ours, floor = screened_linear(x, weight, k)
     assert ours.dtype == dtype and ours.shape == full.shape and floor.shape == (rows,)
     kept = torch.isfinite(ours)
     assert torch.equal(ours[kept], full[kept])  # bit for bit
-    assert torch.equal(ours.float().argmax(-1), full.float().argmax(-1))
+    full32, ours32 = full.float(), ours.float()
+    assert torch.equal(ours32.argmax(-1), full32.argmax(-1))
+    assert torch.equal(ours32.topk(k).values, full32.topk(k).values)
     assert kept[0, 1000:1200].all()  # the whole cluster is computed exactly
-    full32 = full.float()
-    # The floor is a computed logit (the anchor's), and every token not computed is below.
-    assert ((ours.float() == floor[:, None]) & kept).any(-1).all()
+    # The floor is a computed logit (an anchor's) that k computed logits reach, and every
+    # token not computed is below it.
+    assert ((ours32 == floor[:, None]) & kept).any(-1).all()
+    assert ((ours32 >= floor[:, None]).sum(-1) >= k).all()
     assert ((full32 < floor[:, None]) | kept).all()
-    # And it screens: few of the random rows are computed.
+    # And it screens: few of the 2800 random rows are computed (for any of the rows).
     random_rows = torch.cat([kept[:, :1000], kept[:, 1200:]], dim=1)
-    assert random_rows.float().mean() < 0.05
+    assert int(random_rows.any(0).sum()) <= rows * (3 * k + 10)
 
 
 @needs_kernels
@@ -106,35 +119,95 @@ def test_screened_linear_refuses_bad_inputs():
         torch.ops.optimum_gemma3.screened_linear(torch.randn(9, 64), weight, q8, scales)
     with pytest.raises(RuntimeError, match="dtypes differ"):
         torch.ops.optimum_gemma3.screened_linear(torch.randn(1, 64), weight.bfloat16(), q8, scales)
+    for k in (0, 51):
+        with pytest.raises(RuntimeError, match=r"k must be 1 to 50 \(the weight's rows\)"):
+            torch.ops.optimum_gemma3.screened_linear(torch.randn(1, 64), weight, q8, scales, k=k)
 
 
 @needs_kernels
 def test_host_head_screens_few_rows_and_computes_many_in_full():
     head = HostHead(torch.randn(700, 64))
     few = torch.randn(2, 64)
-    logits, floor = head.next_token_logits(few).near_max()
+    logits, floor = head.next_token_logits(few).near_top(1)
     assert torch.isinf(logits).any() and torch.isfinite(floor).all()
     many = torch.randn(SKINNY_MAX_ROWS + 1, 64)
-    logits, floor = head.next_token_logits(many).near_max()
+    logits, floor = head.next_token_logits(many).near_top(1)
     assert torch.equal(logits, head.logits(many)) and (floor == -torch.inf).all()
 
 
 # -- the token loop's choice ---------------------------------------------------------------
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "processors",
+    [
+        [SuppressTokensLogitsProcessor([3])],
+        [TopKLogitsWarper(20), TopPLogitsWarper(0.9)],
+        [TemperatureLogitsWarper(0.7), TopKLogitsWarper(50), TopPLogitsWarper(0.95)],
+        [SuppressTokensLogitsProcessor([3]), TemperatureLogitsWarper(1.5), TopKLogitsWarper(5)],
+    ],
+    ids=["greedy", "top-k, top-p", "temperature, top-k, top-p", "masked, temperature, top-k"],
+)
+def test_screened_steps_give_the_scores_every_logit_gives(dtype, processors):
+    """With the head's real screen, a greedy step picks the argmax of every logit, and a
+    sampling step's scores are bit for bit those of every logit, so are its draws."""
+    generator = torch.Generator().manual_seed(3)
+    head = HostHead(torch.randn(3000, 64, generator=generator).to(dtype))
+    hidden = (3 * torch.randn(4, 64, generator=generator)).to(dtype)
+    sequences = torch.zeros(4, 1, dtype=torch.long)
+    do_sample = any(isinstance(p, TopKLogitsWarper) for p in processors)
+    processors = LogitsProcessorList(processors)
+    screen = screened_selection(processors, None, do_sample)
+    assert screen is not None
+    calls = []
+    step = NextTokenLogits(
+        lambda: calls.append("full") or head.logits(hidden),
+        lambda k: calls.append("near_top") or head.screened(hidden, k),
+    )
+    _, screened = _step_scores(step, sequences, processors, screen)
+    _, every = _step_scores(NextTokenLogits.of(head.logits(hidden)), sequences, processors, None)
+    assert calls == ["near_top"]
+    if not do_sample:
+        assert torch.equal(screened.argmax(-1), every.argmax(-1))
+        return
+    assert torch.equal(screened, every)
+    probabilities = torch.softmax(every, -1)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        drawn = torch.multinomial(torch.softmax(screened, -1), 1)
+        torch.manual_seed(seed)
+        assert torch.equal(drawn, torch.multinomial(probabilities, 1))
+
+
+@needs_kernels
+def test_top_k_beyond_the_vocabulary_keeps_every_token():
+    head = HostHead(torch.randn(30, 64))
+    hidden = torch.randn(2, 64)
+    processors = LogitsProcessorList([TopKLogitsWarper(50)])
+    screen = screened_selection(processors, None, do_sample=True)
+    step = head.next_token_logits(hidden)
+    _, scores = _step_scores(step, torch.zeros(2, 1, dtype=torch.long), processors, screen)
+    assert torch.equal(scores, head.logits(hidden))
+
+
 class CountingLogits(NextTokenLogits):
-    """Logits 0..9 for one row; `near_max` returns tokens 8 and 9 exactly, floor 8."""
+    """Logits 0..9 for one row; `near_top(k)` returns tokens 9 - k to 9 exactly, floor 9 - k
+    (k + 1 tokens reach it, the rest are below)."""
 
     calls: list[str]
 
     def __init__(self, calls: list[str]):
         logits = torch.arange(10, dtype=torch.float32)[None]
-        screened = torch.full_like(logits, -torch.inf)
-        screened[0, 8:] = logits[0, 8:]
-        super().__init__(
-            lambda: calls.append("full") or logits,
-            lambda: calls.append("near_max") or (screened, torch.tensor([8.0])),
-        )
+
+        def near_top(k):
+            calls.append(f"near_top({k})")
+            screened = torch.full_like(logits, -torch.inf)
+            screened[0, 9 - k :] = logits[0, 9 - k :]
+            return screened, torch.tensor([9.0 - k])
+
+        super().__init__(lambda: calls.append("full") or logits, near_top)
 
 
 def first_token(calls: list[str], **kwargs) -> int:
@@ -147,17 +220,37 @@ def first_token(calls: list[str], **kwargs) -> int:
 
 def test_greedy_steps_read_only_the_near_max_logits():
     calls = []
-    assert first_token(calls) == 9 and calls == ["near_max"]
+    assert first_token(calls) == 9 and calls == ["near_top(1)"]
     calls = []
     suppress_9 = LogitsProcessorList([SuppressTokensLogitsProcessor([9])])
-    assert first_token(calls, logits_processor=suppress_9) == 8 and calls == ["near_max"]
+    assert first_token(calls, logits_processor=suppress_9) == 8 and calls == ["near_top(1)"]
+
+
+def sampled(calls: list[str], *processors) -> int:
+    return first_token(calls, do_sample=True, logits_processor=LogitsProcessorList(processors))
+
+
+def test_top_k_sampling_reads_only_the_near_top_logits():
+    calls = []
+    assert sampled(calls, TopKLogitsWarper(3)) in (7, 8, 9) and calls == ["near_top(3)"]
+    calls = []
+    warm = TemperatureLogitsWarper(0.5), TopKLogitsWarper(3), TopPLogitsWarper(0.9)
+    assert sampled(calls, *warm) in (7, 8, 9) and calls == ["near_top(3)"]
+    calls = []
+    suppress_9 = SuppressTokensLogitsProcessor([9])
+    assert sampled(calls, suppress_9, TopKLogitsWarper(2)) in (7, 8)
+    assert calls == ["near_top(2)"]
 
 
 def test_masking_every_candidate_falls_back_to_every_logit():
     calls = []
     suppress = LogitsProcessorList([SuppressTokensLogitsProcessor([8, 9])])
     assert first_token(calls, logits_processor=suppress) == 7
-    assert calls == ["near_max", "full"]
+    assert calls == ["near_top(1)", "full"]
+    calls = []  # top-3 of near_top(3) (tokens 6..9, floor 6) is not known once 8, 9 are gone
+    suppress = SuppressTokensLogitsProcessor([8, 9])
+    assert sampled(calls, suppress, TopKLogitsWarper(3)) in (5, 6, 7)
+    assert calls == ["near_top(3)", "full"]
 
 
 class ReadsScores(StoppingCriteria):
@@ -172,8 +265,34 @@ class ReadsScores(StoppingCriteria):
         dict(stopping_criteria=StoppingCriteriaList([ReadsScores()])),
         dict(output_logits=True),
         dict(do_sample=True),
+        dict(do_sample=True, logits_processor=LogitsProcessorList([TopPLogitsWarper(0.9)])),
+        dict(
+            do_sample=True,
+            logits_processor=LogitsProcessorList(
+                [RepetitionPenaltyLogitsProcessor(1.3), TopKLogitsWarper(3)]
+            ),
+        ),
+        dict(
+            do_sample=True,
+            logits_processor=LogitsProcessorList(
+                [TemperatureLogitsWarper(1e-6), TopKLogitsWarper(3)]
+            ),
+        ),
+        dict(
+            do_sample=True,
+            logits_processor=LogitsProcessorList([TopKLogitsWarper(MAX_SCREENED_TOP_K + 1)]),
+        ),
     ],
-    ids=["value-changing processor", "criterion reading scores", "output_logits", "sampling"],
+    ids=[
+        "value-changing processor",
+        "criterion reading scores",
+        "output_logits",
+        "sampling without processors",
+        "top-p without top-k",
+        "penalty before top-k",
+        "extreme temperature",
+        "very large top-k",
+    ],
 )
 def test_other_steps_read_every_logit(kwargs):
     calls = []

@@ -1,14 +1,16 @@
-// optimum_gemma3::screened_linear(x, weight, q8, scales): the entries of x @ weight.T that
-// can be a row's largest, exact, for a few rows of x; and optimum_gemma3::quantize_rows,
-// which makes the int8 copy (q8, scales) of the weight it screens with.
+// optimum_gemma3::screened_linear(x, weight, q8, scales, k): the entries of x @ weight.T
+// that can be among a row's k largest, exact, for a few rows of x; and
+// optimum_gemma3::quantize_rows, which makes the int8 copy (q8, scales) it screens with.
 //
-// Why: a greedy decode step needs only the argmax of 262144 logits, yet computing them all
-// reads the whole vocabulary head, 671 MB in fp32 (63% of the 270M's weights) or 335 MB
-// in bf16. An int8 copy of the head is 168 MB. Its products bound every logit within a
-// known radius; only the tokens whose bound reaches the best exact logit are computed from
-// the real weight (a median of 3 tokens on the real 270M, at most about 70). The result
-// is exact, not an approximation: every returned value is bit-identical to
-// skinny_linear's, and every other token is provably below the row's `floor`.
+// Why: a greedy decode step needs only the argmax of 262144 logits, and a top-k sampling
+// step only the k largest (transformers samples with top_k=50 unless told otherwise), yet
+// computing them all reads the whole vocabulary head, 671 MB in fp32 (63% of the 270M's
+// weights) or 335 MB in bf16. An int8 copy of the head is 168 MB. Its products bound every
+// logit within a known radius; only the tokens whose bound reaches the k-th best exact
+// logit are computed from the real weight (on the real 270M, a median of 3 tokens for
+// k = 1, 188 for k = 50). The result is exact, not an approximation: every returned value
+// is bit-identical to skinny_linear's, and every other token is provably below the row's
+// `floor`, which at least k returned values reach.
 //
 // The bound, for input row x (l1 = sum |x_k|) and weight row w with scale s = max|w| / 127
 // and q = round(w / s), |q| <= 127 (all in real arithmetic unless said):
@@ -16,21 +18,24 @@
 //   fp32 x.q and s * it, and the fp32 x.w skinny_linear computes, each err <= g l1 128 s
 // with g = gamma_(K+2) = (K+2) u / (1 - (K+2) u), u = 2^-24 (any summation order, FMA or
 // not). So |f - a| <= l1 s (1/2 + 384 g) for the exact-path f and screened a, and the
-// factor (1 + 4 g) covers the fp32 rounding of l1 and of a + radius. A token is a
-// candidate when a + radius >= threshold, the threshold a margin below F, the anchor's
-// exact logit rounded to the output dtype (the anchor: the row's largest a). Every other
-// token has f < threshold, which rounds below F: the margin (2^-5 |F| in bf16, whose
-// spacing is <= 2^-7 |F|; 2^-20 |F| in fp32) plus 1e-30 for F = 0 keeps round(f) < F.
-// So F, returned as `floor`, is a value every non-candidate's logit is strictly below.
+// factor (1 + 4 g) covers the fp32 rounding of l1 and of a + radius. The anchors are the
+// row's k tokens with the largest a; F is the smallest of their exact logits, rounded to
+// the output dtype, so at least k returned values are >= F. A token is a candidate when
+// a + radius >= threshold, the threshold a margin below F. Every other token has
+// f < threshold, which rounds below F: the margin (2^-5 |F| in bf16, whose spacing is
+// <= 2^-7 |F|; 2^-20 |F| in fp32) plus 1e-30 for F = 0 keeps round(f) < F. So F, returned
+// as `floor`, is a value every non-candidate's logit is strictly below.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "row_products.h"
@@ -76,10 +81,27 @@ void exact_row(int64_t M, const float* x, const W* w, int64_t n, int64_t K, floa
   multiply(M, x, w + n * K, out, 0, 1, K, 1);
 }
 
+using Scored = std::pair<float, int64_t>;  // (screened logit, token)
+
+// Keeps in `best` (a heap, worst on top) the k tokens of [n0, n1) with the largest a[n].
+void keep_best(const float* a, int64_t n0, int64_t n1, int64_t k, std::vector<Scored>& best) {
+  const auto worse = [](const Scored& l, const Scored& r) { return l.first > r.first; };
+  for (int64_t n = n0; n < n1; ++n) {
+    if (static_cast<int64_t>(best.size()) < k) {
+      best.emplace_back(a[n], n);
+      std::push_heap(best.begin(), best.end(), worse);
+    } else if (a[n] > best.front().first) {
+      std::pop_heap(best.begin(), best.end(), worse);
+      best.back() = {a[n], n};
+      std::push_heap(best.begin(), best.end(), worse);
+    }
+  }
+}
+
 // out (fp32 or bf16) holds the exact values of the candidates, -inf elsewhere.
 template <typename W, typename O>
 void screen(int64_t M, const float* x, const W* w, const int8_t* q8, const float* scales,
-            int64_t N, int64_t K, O* out, float* floor) {
+            int64_t N, int64_t K, int64_t k, O* out, float* floor) {
   const double g = (K + 2) * static_cast<double>(kUnitRoundoff);
   const double gamma = g / (1.0 - g);
   const float coefficient = static_cast<float>((0.5 + 384.0 * gamma) * (1.0 + 4.0 * gamma));
@@ -87,12 +109,12 @@ void screen(int64_t M, const float* x, const W* w, const int8_t* q8, const float
   bool finite = true;
   for (int64_t m = 0; m < M; ++m) {
     float l1 = 0.0f;
-    for (int64_t k = 0; k < K; ++k) l1 += std::abs(x[m * K + k]);
+    for (int64_t i = 0; i < K; ++i) l1 += std::abs(x[m * K + i]);
     finite = finite && std::isfinite(l1);
     radius[m] = l1 * coefficient;
   }
 
-  // Pass 1: screened logits a[m, n] = s_n (x_m . q_n), and each chunk's best a per row.
+  // Pass 1: screened logits a[m, n] = s_n (x_m . q_n), and each chunk's k best a per row.
   // Kept per calling thread across calls: a fresh megabyte per row costs its page faults.
   // (Used through a pointer: inside the workers the name would mean their own copy.)
   thread_local std::vector<float> scratch;
@@ -100,7 +122,7 @@ void screen(int64_t M, const float* x, const W* w, const int8_t* q8, const float
   float* approx = scratch.data();
   const int64_t chunks = std::max<int64_t>(1, at::get_num_threads() * kChunksPerThread);
   const int64_t chunk_size = (N + chunks - 1) / chunks;
-  std::vector<int64_t> chunk_best(chunks * M, 0);
+  std::vector<std::vector<Scored>> chunk_best(chunks * M);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t n0 = std::min(N, c * chunk_size), n1 = std::min(N, n0 + chunk_size);
@@ -108,28 +130,39 @@ void screen(int64_t M, const float* x, const W* w, const int8_t* q8, const float
       multiply(M, x, q8, approx, n0, n1, K, N);
       for (int64_t m = 0; m < M; ++m) {
         float* a = approx + m * N;
-        int64_t best = n0;
-        for (int64_t n = n0; n < n1; ++n) {
-          a[n] *= scales[n];
-          if (a[n] > a[best]) best = n;
-        }
-        chunk_best[c * M + m] = best;
+        for (int64_t n = n0; n < n1; ++n) a[n] *= scales[n];
+        if (finite) keep_best(a, n0, n1, k, chunk_best[c * M + m]);  // NaN has no order
       }
     }
   });
 
-  // The anchors' exact logits set each row's threshold.
-  std::vector<float> threshold(M), exact(M);
-  for (int64_t m = 0; m < M; ++m) {
-    int64_t anchor = chunk_best[m];
-    for (int64_t c = 1; c < chunks; ++c) {
-      const int64_t n = chunk_best[c * M + m];
-      if (approx[m * N + n] > approx[m * N + anchor]) anchor = n;
+  // The anchors, each row's k best a, and their exact logits set each row's threshold.
+  std::vector<std::pair<int64_t, int64_t>> anchors;  // (row, token)
+  for (int64_t m = 0; m < M && finite; ++m) {
+    std::vector<Scored> best;
+    for (int64_t c = 0; c < chunks; ++c)
+      best.insert(best.end(), chunk_best[c * M + m].begin(), chunk_best[c * M + m].end());
+    std::nth_element(best.begin(), best.begin() + (k - 1), best.end(),
+                     [](const Scored& l, const Scored& r) { return l.first > r.first; });
+    for (int64_t j = 0; j < k; ++j) anchors.emplace_back(m, best[j].second);
+  }
+  std::vector<float> anchor_logit(anchors.size());
+  at::parallel_for(0, anchors.size(), 1, [&](int64_t j0, int64_t j1) {
+    std::vector<float> values(M);
+    for (int64_t j = j0; j < j1; ++j) {
+      exact_row(M, x, w, anchors[j].second, K, values.data());
+      anchor_logit[j] = values[anchors[j].first];
     }
-    exact_row(M, x, w, anchor, K, exact.data());
-    const float top = static_cast<float>(static_cast<O>(exact[m]));  // rounded as out is
-    floor[m] = finite ? top : -std::numeric_limits<float>::infinity();
+  });
+  std::vector<float> threshold(M, -std::numeric_limits<float>::infinity());
+  for (int64_t m = 0; m < M; ++m) {
+    floor[m] = -std::numeric_limits<float>::infinity();
+    if (!finite) continue;
+    const float lowest = *std::min_element(anchor_logit.begin() + m * k,
+                                           anchor_logit.begin() + (m + 1) * k);
+    const float top = static_cast<float>(static_cast<O>(lowest));  // rounded as out is
     const float margin = std::is_same_v<O, float> ? 0x1p-20f : 0x1p-5f;
+    floor[m] = top;
     threshold[m] = top - std::abs(top) * margin - 1e-30f;
   }
 
@@ -155,7 +188,7 @@ void screen(int64_t M, const float* x, const W* w, const int8_t* q8, const float
 std::tuple<at::Tensor, at::Tensor> screened_linear_cpu(const at::Tensor& x,
                                                        const at::Tensor& weight,
                                                        const at::Tensor& q8,
-                                                       const at::Tensor& scales) {
+                                                       const at::Tensor& scales, int64_t k) {
   const auto sizes = few_row_output_sizes("screened_linear", x, weight);
   const int64_t K = weight.size(1), N = weight.size(0);
   TORCH_CHECK(q8.scalar_type() == at::kChar && q8.sizes() == weight.sizes(),
@@ -167,6 +200,8 @@ std::tuple<at::Tensor, at::Tensor> screened_linear_cpu(const at::Tensor& x,
   const at::Tensor rows = x.reshape({-1, K}).contiguous();
   const int64_t M = rows.size(0);
   TORCH_CHECK(M >= 1 && M <= kMaxRows, "screened_linear: 1 to ", kMaxRows, " rows, got ", M);
+  TORCH_CHECK(k >= 1 && k <= N, "screened_linear: k must be 1 to ", N, " (the weight's rows), got ",
+              k);
   std::vector<float> widened;
   const float* xf = fp32_rows(rows, widened);
   // Non-candidates read as -inf; candidates as skinny_linear computes them (x's dtype).
@@ -177,9 +212,9 @@ std::tuple<at::Tensor, at::Tensor> screened_linear_cpu(const at::Tensor& x,
   const float* sp = s.data_ptr<float>();
   float* fp = floor.data_ptr<float>();
   if (w.scalar_type() == at::kFloat)
-    screen(M, xf, w.data_ptr<float>(), qp, sp, N, K, out.data_ptr<float>(), fp);
+    screen(M, xf, w.data_ptr<float>(), qp, sp, N, K, k, out.data_ptr<float>(), fp);
   else
-    screen(M, xf, w.data_ptr<c10::BFloat16>(), qp, sp, N, K, out.data_ptr<c10::BFloat16>(), fp);
+    screen(M, xf, w.data_ptr<c10::BFloat16>(), qp, sp, N, K, k, out.data_ptr<c10::BFloat16>(), fp);
   std::vector<int64_t> floor_sizes(sizes.begin(), sizes.end() - 1);
   return {out.view(sizes), floor.view(floor_sizes)};
 }
@@ -188,7 +223,9 @@ std::tuple<at::Tensor, at::Tensor> screened_linear_cpu(const at::Tensor& x,
 
 TORCH_LIBRARY_FRAGMENT(optimum_gemma3, m) {
   m.def("quantize_rows(Tensor weight) -> (Tensor, Tensor)");
-  m.def("screened_linear(Tensor x, Tensor weight, Tensor q8, Tensor scales) -> (Tensor, Tensor)");
+  m.def(
+      "screened_linear(Tensor x, Tensor weight, Tensor q8, Tensor scales, int k=1) -> "
+      "(Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(optimum_gemma3, CPU, m) {
