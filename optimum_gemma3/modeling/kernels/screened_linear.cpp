@@ -83,18 +83,21 @@ void exact_row(int64_t M, const float* x, const W* w, int64_t n, int64_t K, floa
 
 using Scored = std::pair<float, int64_t>;  // (screened logit, token)
 
+// Best first; as a heap's order, it keeps the worst on top.
+bool better(const Scored& l, const Scored& r) { return l.first > r.first; }
+
 // Keeps in `best` (a heap, worst on top) the k tokens of [n0, n1) with the largest a[n].
 void keep_best(const float* a, int64_t n0, int64_t n1, int64_t k, std::vector<Scored>& best) {
-  const auto worse = [](const Scored& l, const Scored& r) { return l.first > r.first; };
-  for (int64_t n = n0; n < n1; ++n) {
-    if (static_cast<int64_t>(best.size()) < k) {
-      best.emplace_back(a[n], n);
-      std::push_heap(best.begin(), best.end(), worse);
-    } else if (a[n] > best.front().first) {
-      std::pop_heap(best.begin(), best.end(), worse);
-      best.back() = {a[n], n};
-      std::push_heap(best.begin(), best.end(), worse);
-    }
+  int64_t n = n0;
+  for (; n < n1 && static_cast<int64_t>(best.size()) < k; ++n) {
+    best.emplace_back(a[n], n);
+    std::push_heap(best.begin(), best.end(), better);
+  }
+  for (; n < n1; ++n) {
+    if (!(a[n] > best.front().first)) continue;
+    std::pop_heap(best.begin(), best.end(), better);
+    best.back() = {a[n], n};
+    std::push_heap(best.begin(), best.end(), better);
   }
 }
 
@@ -142,12 +145,11 @@ void screen(int64_t M, const float* x, const W* w, const int8_t* q8, const float
     std::vector<Scored> best;
     for (int64_t c = 0; c < chunks; ++c)
       best.insert(best.end(), chunk_best[c * M + m].begin(), chunk_best[c * M + m].end());
-    std::nth_element(best.begin(), best.begin() + (k - 1), best.end(),
-                     [](const Scored& l, const Scored& r) { return l.first > r.first; });
+    std::nth_element(best.begin(), best.begin() + (k - 1), best.end(), better);
     for (int64_t j = 0; j < k; ++j) anchors.emplace_back(m, best[j].second);
   }
   std::vector<float> anchor_logit(anchors.size());
-  at::parallel_for(0, anchors.size(), 1, [&](int64_t j0, int64_t j1) {
+  at::parallel_for(0, static_cast<int64_t>(anchors.size()), 1, [&](int64_t j0, int64_t j1) {
     std::vector<float> values(M);
     for (int64_t j = j0; j < j1; ++j) {
       exact_row(M, x, w, anchors[j].second, K, values.data());
