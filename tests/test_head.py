@@ -54,6 +54,18 @@ def test_quantize_rows_rounds_each_row_to_its_scale(dtype):
     error = (w.double() - scales.double()[:, None] * q8.double()).abs()
     # Half a level, plus the rounding of w / s (at most 128 fp32 units in the last place).
     assert (error <= scales.double()[:, None] * (0.5 + 128 * 2**-24)).all()
+    # Exactly round(w / s) in fp32, ties to even (the kernel runs 8 lanes, then a tail).
+    levels = torch.where(scales[:, None] > 0, torch.round(w / scales[:, None]), 0)
+    assert torch.equal(q8, levels.clamp(-127, 127).to(torch.int8))
+
+
+@needs_kernels
+@pytest.mark.parametrize("bad", [torch.nan, torch.inf])
+def test_quantize_rows_refuses_non_finite_weights(bad):
+    weight = torch.randn(40, 100)
+    weight[17, 3] = bad
+    with pytest.raises(RuntimeError, match="weight row 17 is not finite"):
+        quantize_rows(weight)
 
 
 def tied_weight(dtype, features: int, generator) -> torch.Tensor:

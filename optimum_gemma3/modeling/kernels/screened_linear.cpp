@@ -47,31 +47,70 @@ using namespace optimum_gemma3;
 constexpr float kUnitRoundoff = 1.0f / (1 << 24);
 constexpr int64_t kChunksPerThread = 4;
 
+// Row n's scale s = max|w| / 127 and levels q = round(w / s) (ties to even), clamped to
+// +-127, 8 lanes at a time: AVX2's division and rounding are IEEE's, as the scalar
+// tail's are, so every lane gets the scalar formula's value. It runs at every load: for
+// the 270M's head, 0.15-0.2 s in fp32 and 0.14 s in bf16, against 0.5 and 0.9 s for a
+// scalar loop over an fp32 copy.
+template <typename W>
+float quantize_row(const W* row, int64_t n, int64_t K, int8_t* levels) {
+  const int64_t k_lanes = K / kLanes * kLanes;
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 largest = _mm256_setzero_ps(), unordered = _mm256_setzero_ps();
+  for (int64_t k = 0; k < k_lanes; k += kLanes) {
+    const __m256 v = load_fp32(row + k);
+    largest = _mm256_max_ps(largest, _mm256_andnot_ps(sign, v));
+    unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  float top = horizontal_max(largest);
+  bool finite = _mm256_movemask_ps(unordered) == 0 && std::isfinite(top);
+  for (int64_t k = k_lanes; k < K; ++k) {
+    const float v = static_cast<float>(row[k]);
+    finite = finite && std::isfinite(v);
+    top = std::max(top, std::abs(v));
+  }
+  TORCH_CHECK(finite, "quantize_rows: weight row ", n, " is not finite");
+  const float s = top / 127.0f;
+  if (s == 0.0f) {
+    std::fill(levels, levels + K, 0);
+    return s;
+  }
+  const __m256 scale = _mm256_set1_ps(s), low = _mm256_set1_ps(-127.0f),
+               high = _mm256_set1_ps(127.0f);
+  for (int64_t k = 0; k < k_lanes; k += kLanes) {
+    const __m256 level = _mm256_round_ps(_mm256_div_ps(load_fp32(row + k), scale),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i words = _mm256_cvtps_epi32(_mm256_min_ps(high, _mm256_max_ps(low, level)));
+    const __m128i halves =
+        _mm_packs_epi32(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(levels + k), _mm_packs_epi16(halves, halves));
+  }
+  for (int64_t k = k_lanes; k < K; ++k) {
+    const float level = std::nearbyint(static_cast<float>(row[k]) / s);
+    levels[k] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, level)));
+  }
+  return s;
+}
+
 std::tuple<at::Tensor, at::Tensor> quantize_rows_cpu(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2, "quantize_rows: weight [N, K] expected, got ", weight.sizes());
   TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16,
               "quantize_rows: float32 or bfloat16 expected, got ", weight.scalar_type());
-  const at::Tensor w = weight.contiguous().to(at::kFloat);
+  const at::Tensor w = weight.contiguous();
   const int64_t N = w.size(0), K = w.size(1);
   at::Tensor q8 = at::empty({N, K}, w.options().dtype(at::kChar));
-  at::Tensor scales = at::empty({N}, w.options());
-  const float* src = w.data_ptr<float>();
+  at::Tensor scales = at::empty({N}, w.options().dtype(at::kFloat));
   int8_t* dst = q8.data_ptr<int8_t>();
   float* scale = scales.data_ptr<float>();
-  at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const float* row = src + n * K;
-      float largest = 0.0f;
-      for (int64_t k = 0; k < K; ++k) largest = std::max(largest, std::abs(row[k]));
-      TORCH_CHECK(std::isfinite(largest), "quantize_rows: weight row ", n, " is not finite");
-      const float s = largest / 127.0f;
-      scale[n] = s;
-      for (int64_t k = 0; k < K; ++k) {
-        const float level = s > 0.0f ? std::nearbyint(row[k] / s) : 0.0f;
-        dst[n * K + k] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, level)));
-      }
-    }
-  });
+  const auto quantize = [&](const auto* src) {
+    at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) scale[n] = quantize_row(src + n * K, n, K, dst + n * K);
+    });
+  };
+  if (w.scalar_type() == at::kFloat)
+    quantize(w.data_ptr<float>());
+  else
+    quantize(w.data_ptr<c10::BFloat16>());
   return {q8, scales};
 }
 
