@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 
 class HostHead:
-    """`hidden @ weight.T` on demand: in full, or only where it can be a row's largest.
+    """`hidden @ weight.T` on demand: in full, or only where it can be among a row's k
+    largest.
 
     Holds an int8 copy of the weight with one scale per row (`quantize_rows`), made at
     load: a quarter of the fp32 head's memory (168 MB for Gemma-3's vocabulary at 640

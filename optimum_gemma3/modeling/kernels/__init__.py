@@ -3,8 +3,8 @@
 - `skinny_linear.cpp`: `torch.ops.optimum_gemma3.skinny_linear`, decode-sized products
   streaming each weight once;
 - `screened_linear.cpp`: `torch.ops.optimum_gemma3.screened_linear`, the exact logits of
-  only the tokens that can be a row's largest (greedy steps), screened with the int8 head
-  copy `torch.ops.optimum_gemma3.quantize_rows` makes;
+  only the tokens that can be among a row's k largest (greedy and top-k sampling steps),
+  screened with the int8 head copy `torch.ops.optimum_gemma3.quantize_rows` makes;
 - `decode_attention.cpp`: `torch.ops.optimum_gemma3.decode_attention`, one query token
   per row over the filled slots of its KV cache, in the cache's dtype;
 - `dense.cpp`: `torch.ops.optimum_gemma3.dense`, oneDNN's fp32 product for many rows

@@ -201,10 +201,9 @@ void screen(int64_t M, const float* x, const W* w, const int8_t* q8, const float
     if (!finite) continue;
     const float lowest = *std::min_element(anchor_logit.begin() + m * k,
                                            anchor_logit.begin() + (m + 1) * k);
-    const float top = static_cast<float>(static_cast<O>(lowest));  // rounded as out is
+    floor[m] = static_cast<float>(static_cast<O>(lowest));  // F: rounded as out is
     const float margin = std::is_same_v<O, float> ? 0x1p-20f : 0x1p-5f;
-    floor[m] = top;
-    threshold[m] = top - std::abs(top) * margin - 1e-30f;
+    threshold[m] = floor[m] - std::abs(floor[m]) * margin - 1e-30f;
   }
 
   // Pass 2: every token some row may need, computed exactly (all of them if x is not finite).
