@@ -10,6 +10,8 @@ the logits its selection can pick, where the head can say which those are
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -157,6 +159,8 @@ def _step_scores(
     if screen is not None:
         logits, floor = step.near_top(screen.k)
         logits = logits.float()
+        if not screen.before:  # near_top's promise: k of its logits reach `floor`
+            return logits, _apply(screen.after, sequences, logits)
         scores = _apply(screen.before, sequences, logits)
         # Every token left out is below `floor`: with k survivors at or above it, the k
         # largest scores are all here. Otherwise masking removed too many of the exact
@@ -166,6 +170,29 @@ def _step_scores(
             return logits, _apply(screen.after, sequences, scores)
     logits = step.full().float()
     return logits, logits if logits_processor is None else logits_processor(sequences, logits)
+
+
+def first_argmax(scores: torch.Tensor) -> torch.Tensor:
+    """`scores.argmax(-1)` of `[rows, V]` scores, the same indices (each row's first
+    largest, a NaN counting as largest), found through the maxima of about sqrt(V) blocks.
+
+    Why: torch's argmax over one 262144-wide row is a scalar loop (0.29 ms per row here)
+    and amax a vectorized one; this takes 0.09 ms for one row, 0.18 ms for four. The block
+    holding a row's first largest is the first block whose maximum equals it (amax
+    propagates NaN as argmax ranks it), and within it argmax finds the same index.
+    """
+    rows, width = scores.shape
+    block = _block_width(width)
+    blocks = scores.reshape(rows, width // block, block)
+    best_block = blocks.amax(-1).argmax(-1)
+    within = blocks[torch.arange(rows), best_block].argmax(-1)
+    return best_block * block + within
+
+
+@functools.cache
+def _block_width(width: int) -> int:
+    """The smallest divisor of `width` that is at least its square root."""
+    return next(d for d in range(math.isqrt(width - 1) + 1, width + 1) if width % d == 0)
 
 
 def _apply(processors: list, sequences: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -261,7 +288,7 @@ def decode_loop(
         elif do_sample:
             token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
         else:
-            token = scores.argmax(-1)
+            token = first_argmax(scores)
         token = torch.where(unfinished, token, pad_token_id)
         sequences = torch.cat([sequences, token[:, None]], dim=1)
         if streamer is not None:

@@ -26,6 +26,7 @@ from optimum_gemma3.generation import (
     NextTokenLogits,
     _step_scores,
     decode_loop,
+    first_argmax,
     screened_selection,
 )
 from optimum_gemma3.head import HostHead
@@ -263,6 +264,20 @@ def test_masking_every_candidate_falls_back_to_every_logit():
     suppress = SuppressTokensLogitsProcessor([8, 9])
     assert sampled(calls, suppress, TopKLogitsWarper(3)) in (5, 6, 7)
     assert calls == ["near_top(3)", "full"]
+
+
+@pytest.mark.parametrize("width", [1, 7, 12, 64, 97, 544])
+def test_first_argmax_is_torch_argmax(width):
+    """Ties (few distinct values), NaN, +-inf and all -inf rows: the same index as argmax."""
+    generator = torch.Generator().manual_seed(width)
+    for trial in range(200):
+        scores = torch.randint(0, 4, (3, width), generator=generator).float()
+        special = [None, float("nan"), torch.inf, -torch.inf][trial % 4]
+        if special is not None:
+            scores[scores == 3] = special
+        if trial % 50 == 0:
+            scores[1] = -torch.inf
+        assert torch.equal(first_argmax(scores), scores.argmax(-1)), scores
 
 
 class ReadsScores(StoppingCriteria):
