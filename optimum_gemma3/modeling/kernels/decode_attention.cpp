@@ -74,6 +74,17 @@ void attend(const float* q, const T* k, const T* v, int64_t n, int64_t D, float 
   for (int64_t j = 0; j < n; ++j) add_scaled(out, weights[j] / sum, v + j * D, D);
 }
 
+// `attend` for a query and output in the cache's dtype: the query widens exactly, the
+// output is rounded once (to nearest even for bf16), in the task rather than by two
+// tensor conversions per call (36 per bf16 step of the 270M, ~0.4 ms).
+template <typename T>
+void attend_head(const T* q, const T* k, const T* v, int64_t n, int64_t D, float scale,
+                 T* out) {
+  std::vector<float> query(q, q + D), sums(D);
+  attend(query.data(), k, v, n, D, scale, sums.data());
+  std::copy(sums.begin(), sums.end(), out);
+}
+
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& lengths) {
   TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && k.dim() == 4 && k.sizes() == v.sizes() &&
@@ -103,26 +114,25 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(n[b] >= 1 && n[b] <= L, "decode_attention: lengths[", b, "] = ", n[b],
                 " is outside [1, ", L, "], the cache length");
-  const at::Tensor queries = q.to(at::kFloat).contiguous();
-  const at::Tensor keys = k.contiguous(), values = v.contiguous();
-  at::Tensor out = at::empty({B, H, 1, D}, queries.options());
-  const float* qp = queries.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+  const at::Tensor queries = q.contiguous(), keys = k.contiguous(), values = v.contiguous();
+  at::Tensor out = at::empty({B, H, 1, D}, q.options());
   // One task per (row, query head): heads of a group re-read their K/V from cache.
   at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / H, kv = (t % H) / group;
       const int64_t offset = (b * kv_heads + kv) * L * D;
-      if (keys.scalar_type() == at::kFloat)
-        attend(qp + t * D, keys.data_ptr<float>() + offset, values.data_ptr<float>() + offset,
-               n[b], D, static_cast<float>(scale), op + t * D);
+      if (q.scalar_type() == at::kFloat)
+        attend_head(queries.data_ptr<float>() + t * D, keys.data_ptr<float>() + offset,
+                    values.data_ptr<float>() + offset, n[b], D, static_cast<float>(scale),
+                    out.data_ptr<float>() + t * D);
       else
-        attend(qp + t * D, keys.data_ptr<c10::BFloat16>() + offset,
-               values.data_ptr<c10::BFloat16>() + offset, n[b], D, static_cast<float>(scale),
-               op + t * D);
+        attend_head(queries.data_ptr<c10::BFloat16>() + t * D,
+                    keys.data_ptr<c10::BFloat16>() + offset,
+                    values.data_ptr<c10::BFloat16>() + offset, n[b], D,
+                    static_cast<float>(scale), out.data_ptr<c10::BFloat16>() + t * D);
     }
   });
-  return out.to(q.scalar_type());
+  return out;
 }
 
 at::Tensor decode_attention_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
