@@ -39,6 +39,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 
 from .compiler import backend_for_target
+from .constants import TASK
 from .exporters.artifacts import (
     NEURON_CONFIG_NAME,
     PROGRAMS_DIR,
@@ -105,7 +106,7 @@ def model_card(
     data = ModelCardData(
         base_model=base_model,
         library_name=LIBRARY_NAME,
-        pipeline_tag="text-generation",
+        pipeline_tag=TASK,
         tags=tags,
     )
     body = _card_body(neuron_config, repo_id, revision, has_tokenizer, base_model, endpoint)

@@ -12,6 +12,8 @@ import torch
 from transformers import Gemma3TextConfig, PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from ..constants import MULTIMODAL_MODEL_TYPE, TEXT_MODEL_TYPE
+
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 LAYER_TYPES = (SLIDING, FULL)
@@ -27,12 +29,13 @@ def text_config(config: PretrainedConfig) -> Gemma3TextConfig:
     Multimodal configs often omit text fields; going through `Gemma3TextConfig` fills
     them with the same defaults transformers uses.
     """
-    if config.model_type == "gemma3":
+    if config.model_type == MULTIMODAL_MODEL_TYPE:
         config = config.get_text_config()
-    if config.model_type != "gemma3_text":
+    if config.model_type != TEXT_MODEL_TYPE:
         raise ValueError(
-            f"Unsupported model_type {config.model_type!r}: optimum-gemma3 handles 'gemma3_text' "
-            "and 'gemma3' (multimodal, text decoder only) checkpoints."
+            f"Unsupported model_type {config.model_type!r}: optimum-gemma3 handles "
+            f"{TEXT_MODEL_TYPE!r} and {MULTIMODAL_MODEL_TYPE!r} (multimodal, text decoder only) "
+            "checkpoints."
         )
     if not isinstance(config, Gemma3TextConfig):
         config = Gemma3TextConfig(**config.to_dict())

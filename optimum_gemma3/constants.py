@@ -1,0 +1,20 @@
+"""Names this package shares with optimum-neuron, transformers and the CLI, defined once.
+
+This module imports nothing, so every layer can use it, down to the lowest, and
+`exporters/cli.py` (whose parser optimum-cli builds at every start-up) stays light.
+"""
+
+TEXT_MODEL_TYPE = "gemma3_text"
+MULTIMODAL_MODEL_TYPE = "gemma3"
+# Both compile the text decoder: a multimodal checkpoint's vision tower is not exported.
+MODEL_TYPES = (TEXT_MODEL_TYPE, MULTIMODAL_MODEL_TYPE)
+TASK = "text-generation"
+# optimum-neuron's model registry keys are (model_type, task, mode).
+REGISTRY_MODE = "inference"
+
+# Which implementation compiles Gemma-3 for a Neuron instance when the installed
+# optimum-neuron registers its own (see optimum_gemma3.integration).
+OPTIMUM_GEMMA3 = "optimum-gemma3"
+OPTIMUM_NEURON = "optimum-neuron"
+IMPLEMENTATIONS = (OPTIMUM_GEMMA3, OPTIMUM_NEURON)
+IMPLEMENTATION_ENV = "OPTIMUM_GEMMA3_IMPLEMENTATION"
