@@ -24,6 +24,7 @@ from transformers.generation import LogitsProcessorList, StoppingCriteriaList
 from . import hub
 from .compiler import TARGETS
 from .compiler.neuron import missing_sdk_packages
+from .constants import OPTIMUM_GEMMA3
 from .exporters.artifacts import copy_tree_files, write_folder_atomically
 from .exporters.export import export_to_folder, resolve_checkpoint
 from .exporters.neuron_config import Gemma3NeuronConfig
@@ -86,8 +87,20 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
         torch_dtype: str | torch.dtype | None = None,
         max_context_length: int | None = None,
         context_encoding_buckets: list[int] | None = None,
+        implementation: str | None = None,
     ) -> Gemma3NeuronConfig:
-        """A validated export config for `model_name_or_path`, with automatic defaults."""
+        """A validated export config for `model_name_or_path`, with automatic defaults.
+
+        `implementation` is the auto class's choice between this class and optimum-neuron's
+        own Gemma-3 (`optimum_gemma3.integration`); this class compiles with optimum-gemma3,
+        so only that value (or None) is accepted here.
+        """
+        if implementation not in (None, OPTIMUM_GEMMA3):
+            raise ValueError(
+                f"{cls.__name__} is the {OPTIMUM_GEMMA3} implementation; for "
+                f"implementation={implementation!r} use the auto class "
+                "optimum.neuron.NeuronModelForCausalLM."
+            )
         if config is None:
             checkpoint = resolve_checkpoint(model_name_or_path, revision, token)
             config = AutoConfig.from_pretrained(checkpoint)

@@ -28,12 +28,19 @@ from pathlib import Path
 
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 
+from ..constants import (
+    IMPLEMENTATION_ENV,
+    IMPLEMENTATIONS,
+    MODEL_TYPES,
+    OPTIMUM_GEMMA3,
+    OPTIMUM_NEURON,
+    TASK,
+)
+
 logger = logging.getLogger(__name__)
 
-TASK = "text-generation"
 INSTANCE_TYPES = ("cpu", "inf2", "trn1", "trn1n", "trn2")
 DTYPES = ("bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
-GEMMA3_MODEL_TYPES = ("gemma3", "gemma3_text")
 PROG = "optimum-cli export neuron"
 # Set on the parsers this command creates, to recognise them when registered twice.
 PARSER_MARKER = "_optimum_gemma3_export"
@@ -115,6 +122,15 @@ def parse_args_gemma3(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="N",
         help="Tensor parallelism degree (only 1 is supported for now).",
+    )
+    optional.add_argument(
+        "--implementation",
+        choices=IMPLEMENTATIONS,
+        default=None,
+        help=f"Which Gemma-3 compiles for a Neuron instance when the installed optimum-neuron "
+        f"has its own: {OPTIMUM_GEMMA3} (default) or {OPTIMUM_NEURON}. Default: the "
+        f"{IMPLEMENTATION_ENV} environment variable, else {OPTIMUM_GEMMA3}. The cpu target "
+        f"is always {OPTIMUM_GEMMA3}.",
     )
     optional.add_argument("--revision", type=str, default=None, help="Hub revision to export.")
     optional.add_argument(
@@ -202,15 +218,8 @@ class Gemma3NeuronExportCommand(BaseOptimumCLICommand):
         parser.set_defaults(**{PARSER_MARKER: True})
 
     def run(self) -> None:
-        try:
-            with _progress_logs():
-                export_from_args(self.args)
-        except CliError as error:
-            raise SystemExit(f"{PROG}: error: {error}") from None
-        except Exception as error:
-            if not _is_user_error(error):
-                raise
-            raise SystemExit(f"{PROG}: error: {error}") from None
+        with _user_errors_exit(), _progress_logs():
+            export_from_args(self.args)
 
 
 def export_gemma3_if_supported(foreign_args: argparse.Namespace) -> bool:
@@ -219,13 +228,15 @@ def export_gemma3_if_supported(foreign_args: argparse.Namespace) -> bool:
     Used on SDK hosts (see `optimum/commands/register/register_gemma3.py`). The flags that
     both commands share keep their meaning (`--auto_cast matmul|all` selects
     `--auto_cast_type` as the dtype); optimum-neuron-only flags do not apply to Gemma-3.
-    Returns False (not handled) for any other architecture.
+    Returns False (not handled) for any other architecture, and for Gemma-3 when
+    optimum-neuron's own implementation is chosen (`--implementation`, or the environment
+    variable where optimum-neuron's parser lacks the flag).
     """
     from transformers import AutoConfig
 
     revision, token = getattr(foreign_args, "revision", None), getattr(foreign_args, "token", None)
     config = AutoConfig.from_pretrained(foreign_args.model, revision=revision, token=token)
-    if config.model_type not in GEMMA3_MODEL_TYPES:
+    if config.model_type not in MODEL_TYPES:
         return False
     parser = argparse.ArgumentParser(prog=PROG)
     parse_args_gemma3(parser)
@@ -239,6 +250,7 @@ def export_gemma3_if_supported(foreign_args: argparse.Namespace) -> bool:
         "torch_dtype",
         "revision",
         "token",
+        "implementation",
     ):
         value = getattr(foreign_args, name, None)
         if value is not None:
@@ -246,11 +258,10 @@ def export_gemma3_if_supported(foreign_args: argparse.Namespace) -> bool:
     # optimum-neuron casts to --auto_cast_type only when --auto_cast asks for it.
     if getattr(foreign_args, "auto_cast", None) in ("matmul", "all"):
         args.torch_dtype = foreign_args.auto_cast_type
-    try:
-        with _progress_logs():
-            export_from_args(args)
-    except CliError as error:
-        raise SystemExit(f"{PROG}: error: {error}") from None
+    with _user_errors_exit(), _progress_logs():
+        if not _compiled_by_optimum_gemma3(args, config.model_type):
+            return False
+        _export(args, config)
     return True
 
 
@@ -258,17 +269,35 @@ def export_from_args(args: argparse.Namespace) -> Path:
     """Resolve the config, compile and save: the whole command, without the error handling."""
     from transformers import AutoConfig
 
-    from ..modeling_neuron import Gemma3NeuronModelForCausalLM
+    from ..integration import refuse_without_sdk
 
     config = AutoConfig.from_pretrained(args.model, revision=args.revision, token=args.token)
-    if config.model_type not in GEMMA3_MODEL_TYPES:
+    if config.model_type not in MODEL_TYPES:
+        refuse_without_sdk(config.model_type, args.task, source=args.model)
         raise CliError(
-            f"{args.model} is a {config.model_type!r} model: without the AWS Neuron SDK, "
-            f"`{PROG}` handles only {' and '.join(GEMMA3_MODEL_TYPES)} models (optimum-gemma3). "
-            "To export other architectures, install the Neuron SDK on an Inferentia/Trainium "
-            "host (`pip install optimum-neuron[neuronx]` with AWS's Neuron package index), "
-            "where optimum-neuron's own `export neuron` command is used."
+            f"{args.model} is a {config.model_type!r} model: optimum-neuron's own `{PROG}` "
+            "exports it; this one (optimum-gemma3's) exports Gemma-3 only."
         )
+    if not _compiled_by_optimum_gemma3(args, config.model_type):
+        raise CliError(
+            f"{OPTIMUM_NEURON}'s Gemma-3 is exported by optimum-neuron's own `{PROG}`, which "
+            "optimum-cli offers on hosts with the AWS Neuron SDK."
+        )
+    return _export(args, config)
+
+
+def _compiled_by_optimum_gemma3(args: argparse.Namespace, model_type: str) -> bool:
+    """Whether this plugin compiles the Gemma-3 export (logs the choice where there is one)."""
+    from ..integration import choose_implementation
+
+    chosen = choose_implementation(model_type, args.instance_type, args.implementation)
+    return chosen == OPTIMUM_GEMMA3
+
+
+def _export(args: argparse.Namespace, config) -> Path:
+    """Compile the Gemma-3 checkpoint `args.model` and save it to `args.output`."""
+    from ..modeling_neuron import Gemma3NeuronModelForCausalLM
+
     _check_output(Path(args.output), args.model)
 
     buckets = args.context_encoding_buckets
@@ -342,12 +371,18 @@ def _check_output(output: Path, model: str) -> None:
         )
 
 
-def _is_user_error(error: Exception) -> bool:
-    """Errors that describe bad input or environment, reported without a traceback."""
+@contextlib.contextmanager
+def _user_errors_exit() -> Iterator[None]:
+    """End the process with one `error:` line for errors that describe bad input or
+    environment; anything else (a bug) keeps its traceback."""
     from ..compiler.neuron import NeuronSdkMissingError
     from .artifacts import ArtifactError
 
-    return isinstance(error, (ValueError, OSError, ArtifactError, NeuronSdkMissingError))
+    user_errors = (CliError, ValueError, OSError, ArtifactError, NeuronSdkMissingError)
+    try:
+        yield
+    except user_errors as error:
+        raise SystemExit(f"{PROG}: error: {error}") from None
 
 
 @contextlib.contextmanager
