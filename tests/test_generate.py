@@ -5,7 +5,6 @@ Every comparison is against transformers 4.57 running the same checkpoint (fp32)
 
 from __future__ import annotations
 
-import inspect
 import logging
 from threading import Thread
 
@@ -22,7 +21,6 @@ from transformers import (
     TextStreamer,
 )
 
-import optimum_gemma3
 from optimum_gemma3 import Gemma3NeuronModelForCausalLM
 from optimum_gemma3.head import HostHead
 from tests.test_artifacts import SHAPE, exported  # noqa: F401  (session fixture)
@@ -109,37 +107,6 @@ def test_loading_with_export_options_but_no_export_is_refused(exported):  # noqa
     _, _, folder = exported
     with pytest.raises(TypeError, match="pass export=True"):
         NeuronModelForCausalLM.from_pretrained(folder, batch_size=2)
-
-
-def test_compatibility_layer_assumptions_hold():
-    """Fails when an optimum-neuron release moves what integration.py wraps."""
-    from optimum.neuron.models import auto_model
-    from optimum.neuron.models.inference import modeling_utils
-
-    assert callable(auto_model.register_neuron_model)
-    assert isinstance(auto_model._REGISTERED_NEURON_MODELS, dict)
-    assert (
-        auto_model._REGISTERED_NEURON_MODELS[("gemma3_text", "text-generation", "inference")]
-        is Gemma3NeuronModelForCausalLM
-    )
-    assert getattr(modeling_utils.get_neuron_model_class, "_optimum_gemma3", False)
-    assert list(inspect.signature(modeling_utils.get_neuron_model_class).parameters) == [
-        "model_type",
-        "task",
-        "mode",
-    ]
-    source = inspect.getsource(modeling_utils.NeuronPreTrainedModel._get_neuron_model_class)
-    assert "get_neuron_model_class(" in source
-    for name in ("get_neuron_config", "from_pretrained"):
-        routed = getattr(modeling_utils.NeuronModelForCausalLM, name).__func__
-        assert getattr(routed, "_optimum_gemma3", False), name
-        assert "AutoConfig.from_pretrained" in inspect.getsource(routed.__wrapped__), name
-    # Importing the package twice must not stack wrappers.
-    import importlib
-
-    importlib.reload(optimum_gemma3.integration)
-    optimum_gemma3.integration.register(Gemma3NeuronModelForCausalLM)
-    assert not hasattr(modeling_utils.get_neuron_model_class.__wrapped__, "_optimum_gemma3")
 
 
 def test_neuron_pipeline_needs_the_sdk_here():
