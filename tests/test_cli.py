@@ -54,6 +54,7 @@ FLAGS = (
     "--revision",
     "--token",
     "--no_weights",
+    "--implementation",
     "output",
 )
 NOT_INSTALLED = (
@@ -274,7 +275,7 @@ def test_non_gemma3_model_is_refused_with_what_to_do(tmp_path):
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("optimum-cli export neuron: error:")
     assert "'llama' model" in error
-    assert "only gemma3 and gemma3_text" in error
+    assert "compiles only Gemma-3 (gemma3_text and gemma3)" in error
     assert "install the Neuron SDK" in error
     assert "Traceback" not in result.stderr
     assert not output.exists()
@@ -296,6 +297,14 @@ def test_other_task_is_refused(monkeypatch, capsys, tmp_path):
         (["--auto_cast_type", "fp16"], "Gemma-3 activations overflow float16"),
         (["--num_cores", "3"], "tp_degree=3 cannot split this model"),
         (["--instance_type", "trn1", "--sequence_length", "128"], "needs the AWS Neuron SDK"),
+        (
+            ["--instance_type", "cpu", "--implementation", "optimum-neuron"],
+            "compiles for Neuron instances only",
+        ),
+        (
+            ["--instance_type", "trn1", "--implementation", "optimum-neuron"],
+            "registers no 'gemma3_text' model here",
+        ),
     ],
 )
 def test_invalid_export_config_exits_with_the_field(
@@ -366,3 +375,27 @@ def test_on_sdk_hosts_optimum_neurons_command_exports_gemma3_with_this_plugin(
     assert result.returncode != 0
     assert "The neuron backend needs the AWS Neuron SDK" in result.stderr, result.stderr[-2000:]
     assert "optimum.exporters.neuron" not in result.stderr
+
+
+def test_on_sdk_hosts_the_environment_variable_selects_the_implementation(
+    tiny_checkpoints, tmp_path
+):
+    """optimum-neuron's parser has no --implementation: the variable reaches the choice. Here
+    optimum-neuron has no Gemma-3 of its own, so choosing it fails in one line."""
+    command = [
+        sys.executable,
+        "-c",
+        SIMULATED_SDK_EXPORT,
+        "--model",
+        str(tiny_checkpoints("4b")),
+        "--instance_type",
+        "trn1",
+        str(tmp_path / "out"),
+    ]
+    env = {**os.environ, "OPTIMUM_GEMMA3_IMPLEMENTATION": "optimum-neuron"}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
+    assert result.returncode != 0
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("optimum-cli export neuron: error: OPTIMUM_GEMMA3_IMPLEMENTATION=")
+    assert "registers no 'gemma3_text' model here" in error
+    assert "Traceback" not in result.stderr
