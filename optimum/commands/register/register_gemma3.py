@@ -18,8 +18,10 @@ only when `optimum.neuron.utils.is_neuronx_available()` is true, i.e. only when
   when `--model` is a `gemma3` / `gemma3_text` checkpoint, the export runs here through
   `export_from_args` (same flags: `--batch_size`, `--sequence_length`, `--num_cores`,
   `--auto_cast_type`, `--instance_type`, output); any other model goes to optimum-neuron's
-  `run()` unchanged. Verified here only on a simulated SDK host (no SDK module is faked:
-  the test makes optimum-neuron's availability check say yes).
+  `run()` unchanged, and so does Gemma-3 when `OPTIMUM_GEMMA3_IMPLEMENTATION=optimum-neuron`
+  selects optimum-neuron's own Gemma-3 (its parser has no `--implementation` flag; see
+  `optimum_gemma3/integration.py`). Verified here only on a simulated SDK host (no SDK
+  module is faked: the test makes optimum-neuron's availability check say yes).
 - The same file seen twice (an installed copy plus a checkout on sys.path) is harmless:
   the command reuses its own parser instead of adding a second `neuron`.
 
