@@ -131,7 +131,7 @@ def test_the_table_classifies_every_generation_config_field_once():
 
 @pytest.mark.parametrize("field", sorted(generation_config_fields()))
 def test_every_option_works_as_in_transformers_or_is_refused_by_name(compiled, field):  # noqa: F811
-    kwargs = NON_DEFAULT[field]
+    kwargs = {"pad_token_id": 0, **NON_DEFAULT[field]}
     ids, mask = left_padded_batch(520, seed=30)
     if GENERATION_OPTIONS[field].handling is Handling.REFUSED:
         _, model, _ = compiled
@@ -140,7 +140,7 @@ def test_every_option_works_as_in_transformers_or_is_refused_by_name(compiled, f
         return
     _, model, reference = compiled
     torch.manual_seed(5)
-    ours = model.generate(ids, mask, pad_token_id=0, **kwargs)
+    ours = model.generate(ids, mask, **kwargs)
     if GENERATION_OPTIONS[field].handling is Handling.IGNORED:
         # An ignored option changes nothing: transformers' tokens without it (where
         # transformers gives others with it, as prefill_chunk_size does on left-padded
@@ -148,7 +148,7 @@ def test_every_option_works_as_in_transformers_or_is_refused_by_name(compiled, f
         kwargs = {name: value for name, value in kwargs.items() if name != field}
     torch.manual_seed(5)
     with torch.inference_mode():
-        expected = reference.generate(input_ids=ids, attention_mask=mask, pad_token_id=0, **kwargs)
+        expected = reference.generate(input_ids=ids, attention_mask=mask, **kwargs)
     assert torch.equal(sequences(ours), sequences(expected))
 
 
