@@ -252,3 +252,15 @@ def test_scores_or_logits_alone_and_without_return_dict(compiled):  # noqa: F811
         assert torch.equal(scores, logits)
     plain = model.generate(ids, mask, max_new_tokens=6, output_scores=True, output_logits=True)
     assert isinstance(plain, torch.Tensor) and torch.equal(plain, tokens)
+
+
+def test_default_length_and_mask_are_prepared_as_in_transformers(compiled):  # noqa: F811
+    """No max_new_tokens: transformers' default of 20 new tokens (not `max_length=20`
+    counted from a 23-token prompt); no attention_mask: inferred from the left padding."""
+    ids, _ = left_padded_batch(520, seed=34)
+    _, model, reference = compiled
+    ours = model.generate(ids, pad_token_id=0)
+    with torch.inference_mode():
+        expected = reference.generate(input_ids=ids, pad_token_id=0)
+    assert ours.shape == (3, WIDTH + 20)
+    assert torch.equal(ours, expected)
