@@ -19,6 +19,7 @@ not at `GenerationConfig()`'s default, so it cannot slip by either.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 
 from transformers import GenerationConfig
@@ -165,17 +166,24 @@ GENERATION_OPTIONS: dict[str, Option] = {
 _UNSET = object()
 
 
-def generation_config_fields() -> set[str]:
+@functools.cache
+def _default_config() -> GenerationConfig:
+    """transformers' defaults, built once (never modified)."""
+    return GenerationConfig()
+
+
+@functools.cache
+def generation_config_fields() -> frozenset[str]:
     """Every field transformers' `GenerationConfig` has: its serialized ones, plus those
     `to_dict()` leaves out (`compile_config` and the hashes)."""
-    default = GenerationConfig()
-    return set(default.to_dict()) | set(vars(default)) | {"_original_object_hash"}
+    default = _default_config()
+    return frozenset({*default.to_dict(), *vars(default), "_original_object_hash"})
 
 
 def refusals(config: GenerationConfig) -> list[str]:
     """Why each field of `config` that the compiled model cannot honour is refused, one
     line per field (empty when every field is supported, ignored or at a harmless value)."""
-    default = GenerationConfig()
+    default = _default_config()
     problems = []
     for name, value in vars(config).items():
         if name.startswith("_") and name.endswith("_tensor"):
