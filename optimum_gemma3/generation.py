@@ -230,8 +230,16 @@ def left_align(
 @dataclass
 class GenerationOutput:
     sequences: torch.Tensor  # [B, prompt + generated]: prompt as given, then new tokens
-    # [B, generated, V]: raw fp32 logits each new token was chosen from (empty unless kept)
-    logits: torch.Tensor
+    # Per generated token, `[B, V]` fp32 each, as transformers' `GenerateDecoderOnlyOutput`:
+    # the raw logits it was chosen from (with `output_logits`) and the processed scores
+    # (with `output_scores`); empty unless asked for.
+    raw_logits: tuple[torch.Tensor, ...] = ()
+    scores: tuple[torch.Tensor, ...] = ()
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """The raw logits as one `[B, generated, V]` tensor (empty unless kept)."""
+        return torch.stack(self.raw_logits, dim=1) if self.raw_logits else torch.empty(0)
 
 
 def decode_loop(
@@ -249,6 +257,7 @@ def decode_loop(
     prompt_length: int | None = None,
     forced_tokens: torch.Tensor | None = None,
     output_logits: bool = False,
+    output_scores: bool = False,
 ) -> GenerationOutput:
     """transformers' sampling/greedy loop (`GenerationMixin._sample`) over the two graphs.
 
@@ -257,9 +266,10 @@ def decode_loop(
     draws; finished rows continue with `pad_token_id`; `stopping_criteria(ids, scores)`
     marks rows done (EOS, max length, stop strings); the loop ends when all are done.
     `prompt_length` pads prompts on the left to a prefill bucket; `forced_tokens` ([B, N])
-    teacher-forces the continuation (the logits stay the model's). The logits of every
-    step (`[B, V]` each: 1 MB per row in fp32) are kept only with `output_logits`.
-    Greedy and top-k sampling steps whose processors and criteria allow it
+    teacher-forces the continuation (the logits stay the model's). The raw logits of every
+    step (`[B, V]` each: 1 MB per row in fp32) are kept only with `output_logits`, the
+    processed scores only with `output_scores`; both make every step compute every logit.
+    Otherwise greedy and top-k sampling steps whose processors and criteria allow it
     (`screened_selection`) compute only the logits their selection can pick: the same
     tokens (and the same draws), a fraction of the head.
     """
@@ -274,15 +284,17 @@ def decode_loop(
         streamer.put(input_ids.cpu())
     screen = (
         None
-        if output_logits or forced_tokens is not None
+        if output_logits or output_scores or forced_tokens is not None
         else screened_selection(logits_processor, stopping_criteria, do_sample)
     )
-    all_logits = []
+    all_logits, all_scores = [], []
     next_logits = prefill(ids, mask)
     for step in range(max_new_tokens):
         logits, scores = _step_scores(next_logits, sequences, logits_processor, screen)
         if output_logits:
             all_logits.append(logits)
+        if output_scores:
+            all_scores.append(scores)
         if forced_tokens is not None:
             token = forced_tokens[:, step]
         elif do_sample:
@@ -302,10 +314,7 @@ def decode_loop(
         positions = positions + 1
     if streamer is not None:
         streamer.end()
-    return GenerationOutput(
-        sequences=sequences,
-        logits=torch.stack(all_logits, dim=1) if all_logits else torch.empty(0),
-    )
+    return GenerationOutput(sequences, tuple(all_logits), tuple(all_scores))
 
 
 def greedy_generate(

@@ -9,17 +9,21 @@ prefill and decode programs.
 
 from __future__ import annotations
 
-import copy
 import logging
 import shutil
 import tempfile
+import threading
 import weakref
 from pathlib import Path
 
 import torch
 from optimum.neuron.models.inference.modeling_utils import NeuronModelForCausalLM
 from transformers import AutoConfig, GenerationConfig, GenerationMixin
-from transformers.generation import LogitsProcessorList, StoppingCriteriaList
+from transformers.generation import (
+    GenerateDecoderOnlyOutput,
+    LogitsProcessorList,
+    StoppingCriteriaList,
+)
 
 from . import hub
 from .compiler import TARGETS
@@ -29,12 +33,15 @@ from .exporters.artifacts import copy_tree_files, write_folder_atomically
 from .exporters.export import export_to_folder, resolve_checkpoint
 from .exporters.neuron_config import Gemma3NeuronConfig
 from .generation import decode_loop
+from .generation_options import generation_config_fields, refusals
 from .modeling import text_config
 from .runtime import Gemma3Runtime
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SEQUENCE_LENGTH = 4096
+# Model inputs transformers' Gemma-3 text model ignores too (no token types without images).
+IGNORED_MODEL_INPUTS = ("token_type_ids",)
 
 
 def target_for_instance_type(instance_type: str | None) -> str:
@@ -66,6 +73,7 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
         self.runtime = runtime
         self.config = runtime.config
         self.neuron_config = runtime.neuron_config
+        self._generate_lock = threading.Lock()
         if (runtime.folder / "generation_config.json").is_file():
             self.generation_config = GenerationConfig.from_pretrained(runtime.folder)
         else:
@@ -294,40 +302,56 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
         stopping_criteria: StoppingCriteriaList | None = None,
         streamer=None,
         tokenizer=None,
+        prefix_allowed_tokens_fn=None,
+        use_model_defaults: bool | None = None,
         **kwargs,
-    ) -> torch.LongTensor:
+    ) -> torch.LongTensor | GenerateDecoderOnlyOutput:
         """transformers' `generate()` for greedy search and sampling on the compiled model.
 
         `generation_config` defaults to the model's (eos `[1, 106]` for Gemma-3); keyword
-        arguments override its fields (`max_new_tokens`, `max_length`, `min_new_tokens`,
-        `do_sample`, `temperature`, `top_k`, `top_p`, `stop_strings`, ...). A length beyond
-        the compiled `sequence_length` is clamped with a warning. `tokenizer` is needed for
-        `stop_strings`, as in transformers.
+        arguments override its fields, prepared as transformers does. Each field is honoured
+        with transformers' meaning or refused with a `ValueError` naming it
+        (`generation_options.GENERATION_OPTIONS`: no beam search, assisted decoding,
+        attentions or hidden states). With `return_dict_in_generate=True` the result is a
+        `GenerateDecoderOnlyOutput` whose `scores` / `logits` (with `output_scores` /
+        `output_logits`) are per-step `[B, V]` fp32 tensors, computed in full on every
+        step. A length beyond the compiled `sequence_length` is clamped with a warning.
+        `tokenizer` is needed for `stop_strings`, as in transformers.
+
+        Concurrent calls are safe: they run one at a time (the model holds one set of KV
+        caches), each returning what it would alone.
         """
-        generation_config = copy.deepcopy(generation_config or self.generation_config)
-        unused = generation_config.update(**kwargs)
-        # Inputs Gemma-3 ignores in transformers too (text-only: no token types).
-        for ignored in ("pad_token_id", "token_type_ids", "use_cache"):
-            unused.pop(ignored, None)
-        if unused:
-            raise ValueError(f"Unsupported generate() arguments: {sorted(unused)}.")
-        if generation_config.num_beams != 1 or generation_config.num_return_sequences != 1:
+        kwargs = {key: value for key, value in kwargs.items() if key not in IGNORED_MODEL_INPUTS}
+        not_options = sorted(set(kwargs) - generation_config_fields())
+        if not_options:
             raise ValueError(
-                "Only greedy search and sampling are supported (num_beams=1, "
-                "num_return_sequences=1)."
+                f"generate() does not accept {not_options}: the compiled model takes input_ids "
+                "and attention_mask as model inputs (it keeps its own KV cache and positions), "
+                "plus GenerationConfig fields, logits_processor, stopping_criteria, "
+                "prefix_allowed_tokens_fn, streamer and tokenizer."
             )
+        generation_config, _ = self._prepare_generation_config(
+            generation_config, use_model_defaults, **kwargs
+        )
+        problems = refusals(generation_config)
+        if problems:
+            raise ValueError(
+                "generate() on the compiled model cannot honour these generation options: "
+                + "; ".join(problems)
+                + "."
+            )
+        self._prepare_special_tokens(generation_config, attention_mask is not None, device="cpu")
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        max_new_tokens = self._max_new_tokens(generation_config, input_ids, attention_mask)
-        generation_config.max_length = input_ids.shape[1] + max_new_tokens
-        generation_config.max_new_tokens = max_new_tokens
-        # transformers' own preparation, processors and criteria: same semantics, same order.
-        self._prepare_special_tokens(generation_config, True, device="cpu")
+            attention_mask = self._prepare_attention_mask_for_generation(
+                input_ids, generation_config, {}
+            )
+        max_new_tokens = self._prepare_lengths(generation_config, input_ids, attention_mask, kwargs)
+        # transformers' own processors and criteria: same semantics, same order.
         processors = self._get_logits_processor(
             generation_config=generation_config,
             input_ids_seq_length=input_ids.shape[1],
             encoder_input_ids=input_ids,
-            prefix_allowed_tokens_fn=None,
+            prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
             logits_processor=logits_processor or LogitsProcessorList(),
             device="cpu",
             model_kwargs={},
@@ -337,8 +361,10 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
             stopping_criteria=stopping_criteria or StoppingCriteriaList(),
             tokenizer=tokenizer,
         )
-        with torch.inference_mode():
-            return decode_loop(
+        as_dict = generation_config.return_dict_in_generate
+        # The whole call holds the lock: every step reads and writes the runtime's caches.
+        with self._generate_lock, torch.inference_mode():
+            output = decode_loop(
                 self.runtime.prefill,
                 self.runtime.decode,
                 input_ids,
@@ -350,16 +376,45 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
                 stopping_criteria=criteria,
                 do_sample=generation_config.do_sample,
                 streamer=streamer,
-            ).sequences
+                output_logits=as_dict and bool(generation_config.output_logits),
+                output_scores=as_dict and generation_config.output_scores,
+            )
+        if not as_dict:
+            return output.sequences
+        return GenerateDecoderOnlyOutput(
+            sequences=output.sequences,
+            scores=output.scores if generation_config.output_scores else None,
+            logits=output.raw_logits if generation_config.output_logits else None,
+        )
+
+    def _prepare_lengths(self, generation_config, input_ids, attention_mask, kwargs) -> int:
+        """transformers' max/min length preparation, then the new tokens that fit the
+        compiled sequence_length (`max_length` clamped to match)."""
+        length = input_ids.shape[1]
+        has_default_max_length = (
+            kwargs.get("max_length") is None and generation_config.max_length is not None
+        )
+        self._prepare_generated_length(
+            generation_config,
+            has_default_max_length=has_default_max_length,
+            has_default_min_length=(
+                kwargs.get("min_length") is None and generation_config.min_length is not None
+            ),
+            model_input_name="input_ids",
+            input_ids_length=length,
+            inputs_tensor=input_ids,
+        )
+        self._validate_generated_length(generation_config, length, has_default_max_length)
+        max_new_tokens = self._max_new_tokens(generation_config, input_ids, attention_mask)
+        generation_config.max_length = length + max_new_tokens
+        generation_config.max_new_tokens = max_new_tokens
+        return max_new_tokens
 
     def _max_new_tokens(self, generation_config, input_ids, attention_mask) -> int:
-        """New tokens to generate: from max_new_tokens or max_length, clamped to what fits."""
+        """New tokens to generate: up to the prepared max_length, clamped to what fits."""
         longest = int(attention_mask.sum(-1).max())
         self.runtime.bucket_for(longest)  # refuses a prompt longer than any bucket
-        if generation_config.max_new_tokens is not None:
-            wanted = generation_config.max_new_tokens
-        else:
-            wanted = generation_config.max_length - input_ids.shape[1]
+        wanted = generation_config.max_length - input_ids.shape[1]
         room = self.runtime.sequence_length - longest
         if wanted > room:
             logger.warning(

@@ -228,7 +228,7 @@ def test_streamers(compiled):
 
 def test_beam_search_is_refused(compiled):
     _, model, _ = compiled
-    with pytest.raises(ValueError, match="Only greedy search and sampling"):
+    with pytest.raises(ValueError, match="num_beams=2: it belongs to beam search"):
         model.generate(torch.tensor([[2, 9, 10]]), num_beams=2)
 
 
