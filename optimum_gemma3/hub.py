@@ -47,7 +47,7 @@ from .exporters.artifacts import (
     ArtifactError,
     weights_name,
 )
-from .runtime import check_versions, load_neuron_config
+from .runtime import check_ops_profile, check_versions, load_neuron_config
 
 if TYPE_CHECKING:
     from .exporters.neuron_config import Gemma3NeuronConfig
@@ -282,8 +282,8 @@ def download_compiled(
 ) -> Path:
     """The snapshot folder of a compiled model on the Hub, fetched through the HF cache.
 
-    `neuron_config.json` comes first and is checked against this host (versions, SDK)
-    before the programs and weights are downloaded.
+    `neuron_config.json` comes first and is checked against this host (versions, SDK,
+    ops profile) before the programs and weights are downloaded.
     """
     with _explained(repo_id, revision, token):
         config_file = hf_hub_download(repo_id, NEURON_CONFIG_NAME, revision=revision, token=token)
@@ -296,6 +296,7 @@ def _check_compatible(folder: Path, repo_id: str) -> None:
     try:
         neuron_config = load_neuron_config(folder)
         check_versions(neuron_config, backend_for_target(neuron_config.target).versions(), folder)
+        check_ops_profile(neuron_config, folder)
     except ArtifactError as error:
         raise ArtifactError(f"Hub repo {repo_id!r} cannot be loaded here: {error}") from error
 

@@ -1,7 +1,9 @@
 """A compiled artifact folder, loaded once and ready to run prefill and decode.
 
 Loading checks before running: the export config parses and was written by compatible
-versions of this library, torch and the compiler; every program exists and matches its
+versions of this library, torch and the compiler; this host can run the ops profile the
+programs were traced with (its C++ kernels load where they call them); every program
+exists and matches its
 recorded checksum; the weights are safetensors with exactly the expected tensors. It
 compiles nothing and needs no model source for the programs.
 
@@ -69,6 +71,18 @@ def check_versions(neuron_config: Gemma3NeuronConfig, versions: dict[str, str], 
                 f"{current!r}: compiled programs are tied to the versions that built them. "
                 "Re-export the model here, or install the recorded versions."
             )
+
+
+def check_ops_profile(neuron_config: Gemma3NeuronConfig, path: Path) -> None:
+    """Refuse, at load rather than at the first call, programs this host cannot run."""
+    missing = neuron_config.ops_profile.missing_on_host()
+    if missing is not None:
+        raise ArtifactError(
+            f"{path / NEURON_CONFIG_NAME} records ops_profile="
+            f"{neuron_config.ops_profile.to_dict()}: {missing}. Re-export the model on this "
+            "host (its programs then use the forms this host has), or load it on a host "
+            "where the kernels load."
+        )
 
 
 class RankEngine:
@@ -148,6 +162,7 @@ class Gemma3Runtime:
         self.neuron_config = nc = load_neuron_config(folder)
         self.config = AutoConfig.from_pretrained(folder)
         check_versions(nc, backend_for_target(nc.target).versions(), folder)
+        check_ops_profile(nc, folder)
         self.buckets = list(nc.context_encoding_buckets)
         self.pad_token_id = self.config.get_text_config().pad_token_id or 0
         text = text_config(self.config)
@@ -159,7 +174,7 @@ class Gemma3Runtime:
             self.engine = RankPool(folder, nc, text.vocab_size, token)
         self.head = None
         if nc.head_on_host:
-            self.head = HostHead(self.engine.weights[head_weight_name(text)])
+            self.head = HostHead(self.engine.weights[head_weight_name(text)], nc.ops_profile)
 
     def close(self) -> None:
         """Stop the rank processes of a tensor-parallel model (also done when collected)."""
