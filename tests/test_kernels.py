@@ -235,6 +235,7 @@ def test_each_decoder_traces_the_ops_of_its_own_profile(tiny_checkpoints):
 def test_kernels_can_be_turned_off_or_missing(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("OPTIMUM_GEMMA3_DISABLE_KERNELS", "1")
     assert kernels.load.__wrapped__() is False
+    assert kernels.unavailable_reason() == "OPTIMUM_GEMMA3_DISABLE_KERNELS is set"
 
     monkeypatch.delenv("OPTIMUM_GEMMA3_DISABLE_KERNELS")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built here yet
@@ -244,6 +245,13 @@ def test_kernels_can_be_turned_off_or_missing(monkeypatch, tmp_path, caplog):
         assert kernels.load.__wrapped__() is False
     assert "CPU kernels unavailable, using BLAS products: no C++ compiler" in caplog.text
     assert not any(tmp_path.rglob("*.so"))
+    assert kernels.unavailable_reason().startswith("building them failed")
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert kernels.load.__wrapped__() is False
+    assert kernels.unavailable_reason() == (
+        "the CPU lacks avx2+fma (torch reports CPU capability DEFAULT)"
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
