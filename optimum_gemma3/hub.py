@@ -47,7 +47,7 @@ from .exporters.artifacts import (
     ArtifactError,
     weights_name,
 )
-from .runtime import check_ops_profile, check_versions, load_neuron_config
+from .runtime import check_host_runs, check_versions, load_neuron_config
 
 if TYPE_CHECKING:
     from .exporters.neuron_config import Gemma3NeuronConfig
@@ -295,8 +295,9 @@ def _check_compatible(folder: Path, repo_id: str) -> None:
     """Refuse programs this host cannot run, from neuron_config.json alone."""
     try:
         neuron_config = load_neuron_config(folder)
-        check_versions(neuron_config, backend_for_target(neuron_config.target).versions(), folder)
-        check_ops_profile(neuron_config, folder)
+        backend = backend_for_target(neuron_config.target)
+        check_versions(neuron_config, backend.versions(), folder)
+        check_host_runs(neuron_config, backend, folder)
     except ArtifactError as error:
         raise ArtifactError(f"Hub repo {repo_id!r} cannot be loaded here: {error}") from error
 

@@ -388,6 +388,8 @@ def test_artifact_records_the_host_profile_and_the_head_uses_it(exported):
     assert recorded["kernels_isa"] == ("avx2+fma" if host.uses_kernels else None)
     assert model.neuron_config.ops_profile == host
     assert model.runtime.head.ops == host
+    recorded_isa = json.loads((folder / "neuron_config.json").read_text())["program_isa"]
+    assert recorded_isa == CpuBackend().program_isa() and recorded_isa  # e.g. "avx2"
 
 
 def test_head_computes_with_the_recorded_profile_not_the_hosts(artifact_copy):
@@ -420,6 +422,14 @@ def test_profile_needing_unavailable_kernels_is_refused_at_load(exported):
     assert "C++ CPU kernels (which need avx2+fma)" in message
     assert "OPTIMUM_GEMMA3_DISABLE_KERNELS is set" in message
     assert "Re-export the model on this host" in message
+
+
+def test_programs_for_an_isa_this_cpu_lacks_are_refused_at_load(artifact_copy):
+    edit_neuron_config(artifact_copy, program_isa="avx1024")
+    with pytest.raises(
+        ArtifactError, match="records program_isa='avx1024'.*this CPU lacks them. Re-export"
+    ):
+        Gemma3NeuronModelForCausalLM.from_pretrained(artifact_copy)
 
 
 def test_folder_without_ops_profile_is_refused(artifact_copy):

@@ -6,10 +6,13 @@ Nothing here compiles: exports are stopped at their first compile-cache lookup.
 from __future__ import annotations
 
 import json
+import platform
 
 import pytest
+from torch._inductor import cpu_vec_isa
 
 from optimum_gemma3 import Gemma3NeuronConfig, Gemma3NeuronModelForCausalLM
+from optimum_gemma3.compiler.cpu import CpuBackend
 from optimum_gemma3.exporters import compile_cache, export
 from optimum_gemma3.modeling import OpsProfile, kernels
 from optimum_gemma3.modeling.ops import PLAIN
@@ -94,6 +97,16 @@ def test_cache_key_changes_with_the_ops_profile(export_key, monkeypatch):
     assert len(keys) == 3
 
 
+def test_cache_key_changes_with_the_program_isa(export_key, monkeypatch):
+    """A program vectorized for AVX-512 is not served to an export on an AVX2 host
+    (a compile cache shared by both, e.g. in a network home)."""
+    keys = set()
+    for isa in ("avx2", "avx512"):
+        monkeypatch.setattr(CpuBackend, "program_isa", lambda self, isa=isa: isa)
+        keys.add(export_key())
+    assert len(keys) == 2
+
+
 def test_cache_key_changes_with_a_graph_source(export_key, monkeypatch, tmp_path, fresh_digest):
     """Any edit to a file that decides the graph (here a stand-in for one of them) gives
     another key, with no version to bump."""
@@ -126,3 +139,14 @@ def test_graph_sources_cover_the_graphs_the_kernels_and_the_compilers(fresh_dige
     for _ in range(3):
         compile_cache.program_key({}, {}, {})
     assert listed == [1]
+
+
+def test_program_isa_is_checked_against_the_cpu_features(monkeypatch):
+    """An AVX2-only host refuses AVX-512 programs and runs AVX2 ones, without compiling."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 feature names")
+    monkeypatch.setattr(cpu_vec_isa, "x86_isa_checker", lambda: ["avx2"])
+    monkeypatch.setattr(cpu_vec_isa, "valid_vec_isa_list", None)  # no trial builds
+    backend = CpuBackend()
+    assert backend.runs_program_isa("avx2")
+    assert not backend.runs_program_isa("avx512 avx512_vnni")

@@ -5,17 +5,19 @@ a shared library packaged in a `.pt2` archive, which loads without this package'
 source or a Python-level graph interpreter. Weights and caches are program inputs, so the
 library holds no weights. Graphs call this package's CPU kernels where their ops profile
 says so (the exporter gives them this host's), so the kernels are loaded before any
-program runs. Measured on
-the real 270M (see README): the AOTInductor program decodes several times faster than
-interpreting the exported graph, whose per-op Python overhead dominates at batch 1.
+program runs. Measured on the real 270M (see README): the AOTInductor program decodes
+several times faster than interpreting the exported graph, whose per-op Python overhead
+dominates at batch 1.
 """
 
 from __future__ import annotations
 
 import logging
+import platform
 from pathlib import Path
 
 import torch
+from torch._inductor import cpu_vec_isa
 
 from ..modeling import kernels
 from .base import CompilerBackend, Program
@@ -28,7 +30,25 @@ class CpuBackend(CompilerBackend):
     program_suffix = ".pt2"
 
     def versions(self) -> dict[str, str]:
-        return {"compiler": "torch-aotinductor", "compiler_version": torch.__version__}
+        return {
+            "compiler": "torch-aotinductor",
+            "compiler_version": torch.__version__,
+            "program_isa": self.program_isa(),
+        }
+
+    def program_isa(self) -> str | None:
+        """Inductor vectorizes a program's C++ for the widest ISA of the compiling host
+        (e.g. 'avx512 avx512_vnni'; `ATEN_CPU_CAPABILITY=avx2` picks AVX2): a program
+        compiled on an AVX-512 host does not run on an AVX2-only one."""
+        isa = cpu_vec_isa.pick_vec_isa()
+        return str(isa) if isa else None
+
+    def runs_program_isa(self, isa: str) -> bool:
+        """Whether this CPU has every feature `isa` names, read from the CPU as Inductor
+        does before its trial builds, so hosts without a C++ compiler are answered too."""
+        if platform.machine() in ("x86_64", "AMD64"):
+            return set(isa.split()) <= set(cpu_vec_isa.x86_isa_checker())
+        return isa in {str(valid) for valid in cpu_vec_isa.valid_vec_isa_list()}
 
     def compile(self, program: torch.nn.Module, example_inputs: tuple, path: Path) -> None:
         # Non-strict: the graphs are plain tensor code, which running the Python under fake

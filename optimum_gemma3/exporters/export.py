@@ -84,6 +84,7 @@ def export_to_folder(
     neuron_config.compiler = versions["compiler"]
     neuron_config.compiler_version = versions["compiler_version"]
     neuron_config.ops_profile = ops_profile_for(neuron_config.target)
+    neuron_config.program_isa = backend.program_isa()
 
     def fill(folder: Path) -> None:
         config.save_pretrained(folder)

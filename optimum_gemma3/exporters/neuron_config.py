@@ -4,10 +4,11 @@ It extends optimum-neuron's `NxDNeuronConfig`, so field names (`batch_size`,
 `sequence_length`, `max_context_length`, `tp_degree`, `torch_dtype`, `target`,
 `on_device_sampling`, `checkpoint_id`, `checkpoint_revision`) mean what they mean there,
 and optimum-neuron's serialization and version checks apply. Added here: the prefill
-buckets (`context_encoding_buckets`, NxD-inference's name), the versions of this
-library, torch and the compiler that built the artifact, and the ops profile its graphs
-were traced with (`ops_profile`: which products, attention and gelu forms, and the CPU
-features the kernels they call need).
+buckets (`context_encoding_buckets`, NxD-inference's name); the versions of this
+library, torch and the compiler that built the artifact; the ops profile its graphs were
+traced with (`ops_profile`: which products, attention and gelu forms, and the CPU
+features the kernels they call need); the CPU instruction set the compiled programs need
+(`program_isa`, None for Neuron programs).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class Gemma3NeuronConfig(NxDNeuronConfig):
         artifact_files: dict[str, str | None] | None = None,
         head_on_host: bool | None = None,
         ops_profile: OpsProfile | dict | None = None,
+        program_isa: str | None = None,
         **kwargs,
     ):
         # Normalized here, before the base class maps names with its own table: aliases
@@ -100,6 +102,7 @@ class Gemma3NeuronConfig(NxDNeuronConfig):
         if isinstance(ops_profile, dict):
             ops_profile = OpsProfile.from_dict(ops_profile)
         self.ops_profile = ops_profile
+        self.program_isa = program_isa
 
     @property
     def dtype_name(self) -> str:
