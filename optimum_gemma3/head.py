@@ -17,7 +17,8 @@ import logging
 import torch
 
 from .generation import NextTokenLogits
-from .modeling.layers import SKINNY_MAX_ROWS, CpuKernels, linear
+from .modeling.layers import SKINNY_MAX_ROWS, linear
+from .modeling.ops import OpsProfile
 
 logger = logging.getLogger(__name__)
 
@@ -28,14 +29,16 @@ class HostHead:
 
     Holds an int8 copy of the weight with one scale per row (`quantize_rows`), made at
     load: a quarter of the fp32 head's memory (168 MB for Gemma-3's vocabulary at 640
-    features). Without the CPU kernels there is no screening, only the full product.
+    features). `ops` is the artifact's recorded profile, so the full product is the one
+    its programs would have computed; without its CPU kernels there is no screening, only
+    the full product.
     """
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, ops: OpsProfile):
         self.weight = weight
-        self.cpu_kernels = CpuKernels.for_host()
+        self.ops = ops
         self.screen = None
-        if self.cpu_kernels.skinny_linear:
+        if ops.skinny_linear:
             self.screen = torch.ops.optimum_gemma3.quantize_rows(weight)
             logger.info(
                 "Screening head: int8 copy of %s, %d MB", tuple(weight.shape), weight.numel() >> 20
@@ -43,7 +46,7 @@ class HostHead:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Every logit, by the product the program itself would have used."""
-        return linear(hidden, self.weight, self.cpu_kernels)
+        return linear(hidden, self.weight, self.ops)
 
     def screened(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`NextTokenLogits.near_top(k)` by `screened_linear` (needs the kernels, and at most

@@ -48,7 +48,7 @@ from .exporters.artifacts import (
     ArtifactError,
     weights_name,
 )
-from .runtime import check_versions, load_neuron_config
+from .runtime import check_host_runs, check_versions, load_neuron_config
 
 if TYPE_CHECKING:
     from .exporters.neuron_config import Gemma3NeuronConfig
@@ -283,8 +283,8 @@ def download_compiled(
 ) -> Path:
     """The snapshot folder of a compiled model on the Hub, fetched through the HF cache.
 
-    `neuron_config.json` comes first and is checked against this host (versions, SDK)
-    before the programs and weights are downloaded.
+    `neuron_config.json` comes first and is checked against this host (versions, SDK,
+    ops profile) before the programs and weights are downloaded.
     """
     with _explained(repo_id, revision, token):
         config_file = hf_hub_download(repo_id, NEURON_CONFIG_NAME, revision=revision, token=token)
@@ -296,7 +296,9 @@ def _check_compatible(folder: Path, repo_id: str) -> None:
     """Refuse programs this host cannot run, from neuron_config.json alone."""
     try:
         neuron_config = load_neuron_config(folder)
-        check_versions(neuron_config, backend_for_target(neuron_config.target).versions(), folder)
+        backend = backend_for_target(neuron_config.target)
+        check_versions(neuron_config, backend.versions(), folder)
+        check_host_runs(neuron_config, backend, folder)
     except ArtifactError as error:
         raise ArtifactError(f"Hub repo {repo_id!r} cannot be loaded here: {error}") from error
 

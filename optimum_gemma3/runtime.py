@@ -1,9 +1,11 @@
 """A compiled artifact folder, loaded once and ready to run prefill and decode.
 
 Loading checks before running: the export config parses and was written by compatible
-versions of this library, torch and the compiler; every program exists and matches its
-recorded checksum; the weights are safetensors with exactly the expected tensors. It
-compiles nothing and needs no model source for the programs.
+versions of this library, torch and the compiler; this host can run the programs (its
+CPU has the instruction set they were compiled for, and the C++ kernels their ops profile
+calls load here); every program exists and matches its recorded checksum; the weights
+are safetensors with exactly the expected tensors. It compiles nothing and needs no
+model source for the programs.
 
 Each rank engine owns its weights and one set of KV caches shared by all its programs;
 callers pass user-sized batches and the runtime picks the smallest prefill bucket that
@@ -21,7 +23,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, Gemma3TextConfig
 
 from . import __version__
-from .compiler import backend_for_target
+from .compiler import CompilerBackend, backend_for_target
 from .exporters.artifacts import (
     NEURON_CONFIG_NAME,
     ArtifactError,
@@ -69,6 +71,28 @@ def check_versions(neuron_config: Gemma3NeuronConfig, versions: dict[str, str], 
                 f"{current!r}: compiled programs are tied to the versions that built them. "
                 "Re-export the model here, or install the recorded versions."
             )
+
+
+def check_host_runs(
+    neuron_config: Gemma3NeuronConfig, backend: CompilerBackend, path: Path
+) -> None:
+    """Refuse, at load rather than at the first call, programs this host cannot run."""
+    isa = neuron_config.program_isa
+    if isa and not backend.runs_program_isa(isa):
+        raise ArtifactError(
+            f"{path / NEURON_CONFIG_NAME} records program_isa={isa!r}: its programs were "
+            "compiled for CPUs with these instructions, and this CPU lacks them. Re-export "
+            "the model on this host (or export with ATEN_CPU_CAPABILITY=avx2 for programs "
+            "every AVX2 CPU runs)."
+        )
+    missing = neuron_config.ops_profile.missing_on_host()
+    if missing is not None:
+        raise ArtifactError(
+            f"{path / NEURON_CONFIG_NAME} records ops_profile="
+            f"{neuron_config.ops_profile.to_dict()}: {missing}. Re-export the model on this "
+            "host (its programs then use the forms this host has), or load it on a host "
+            "where the kernels load."
+        )
 
 
 class RankEngine:
@@ -147,7 +171,9 @@ class Gemma3Runtime:
         self.folder = folder
         self.neuron_config = nc = load_neuron_config(folder)
         self.config = AutoConfig.from_pretrained(folder)
-        check_versions(nc, backend_for_target(nc.target).versions(), folder)
+        backend = backend_for_target(nc.target)
+        check_versions(nc, backend.versions(), folder)
+        check_host_runs(nc, backend, folder)
         self.buckets = list(nc.context_encoding_buckets)
         self.pad_token_id = self.config.get_text_config().pad_token_id or 0
         text = text_config(self.config)
@@ -159,7 +185,7 @@ class Gemma3Runtime:
             self.engine = RankPool(folder, nc, text.vocab_size, token)
         self.head = None
         if nc.head_on_host:
-            self.head = HostHead(self.engine.weights[head_weight_name(text)])
+            self.head = HostHead(self.engine.weights[head_weight_name(text)], nc.ops_profile)
 
     def close(self) -> None:
         """Stop the rank processes of a tensor-parallel model (also done when collected)."""

@@ -35,8 +35,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from optimum_gemma3.accuracy import logits_within_tolerance, token_match
 from optimum_gemma3.generation import greedy_generate
-from optimum_gemma3.modeling import Gemma3Decoder
-from optimum_gemma3.modeling.layers import CpuKernels, tracing_with
+from optimum_gemma3.modeling import Gemma3Decoder, OpsProfile
 from optimum_gemma3.weights import load_weights
 
 logger = logging.getLogger("accuracy")
@@ -76,11 +75,7 @@ def left_padded(batch: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor
 
 
 def compare_batch(reference, decoder, input_ids, mask, args, generation_config):
-    """(match, max |logit diff|, passed) for each row of one batch.
-
-    A list, not a generator: callers run it inside `tracing_with`, which must still hold
-    when the decoder runs.
-    """
+    """(match, max |logit diff|, passed) for each row of one batch."""
     gen_kwargs = dict(
         max_new_tokens=args.max_new_tokens,
         do_sample=False,
@@ -152,17 +147,18 @@ def main(argv: list[str] | None = None) -> int:
         args.model, dtype=dtype, attn_implementation=attn
     ).eval()
     longest = max(len(ids) for _, ids in prompts)
+    ops = OpsProfile() if args.plain_graphs else OpsProfile.for_host()
     decoder = Gemma3Decoder(
         AutoConfig.from_pretrained(args.model),
         args.batch_size,
         longest + args.max_new_tokens,
         dtype,
+        ops=ops,
     )
     load_weights(decoder, args.model)
     decoder.eval()
     logger.info("reference: transformers %s %s attention", args.dtype, attn)
-    cpu_kernels = CpuKernels() if args.plain_graphs else CpuKernels.for_host()
-    logger.info("ours: %s", cpu_kernels)
+    logger.info("ours: %s", ops)
 
     header = (
         f"{'prompt':<14} {'tokens':>6} {'new':>4} {'match %':>8} {'first diff':>10} "
@@ -179,8 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         # A partial last batch is padded with copies so the static batch size holds.
         batch += [batch[-1]] * (args.batch_size - len(batch))
         input_ids, mask = left_padded(batch, generation_config.pad_token_id)
-        with tracing_with(cpu_kernels):
-            rows = compare_batch(reference, decoder, input_ids, mask, args, generation_config)
+        rows = compare_batch(reference, decoder, input_ids, mask, args, generation_config)
         for (name, ids), (match, max_diff, passed) in zip(chunk, rows, strict=False):
             first_diff = "-" if match.first_divergence is None else str(match.first_divergence)
             print(

@@ -20,6 +20,7 @@ from optimum_gemma3 import Gemma3NeuronConfig, Gemma3NeuronModelForCausalLM
 from optimum_gemma3.compiler.cpu import CpuBackend
 from optimum_gemma3.compiler.neuron import NeuronSdkMissingError
 from optimum_gemma3.exporters.artifacts import ArtifactError
+from optimum_gemma3.modeling import OpsProfile
 from tests.test_parity import NEW_TOKENS, hf_greedy, left_padded_batch
 from tests.tiny_models import load_reference, save_random_checkpoint
 
@@ -374,3 +375,67 @@ def test_config_class_round_trips(exported):
     _, model, folder = exported
     loaded = Gemma3NeuronConfig.from_pretrained(folder)
     assert loaded.to_dict() == model.neuron_config.to_dict()
+
+
+# -- the ops profile ----------------------------------------------------------------------
+
+
+def test_artifact_records_the_host_profile_and_the_head_uses_it(exported):
+    _, model, folder = exported
+    recorded = json.loads((folder / "neuron_config.json").read_text())["ops_profile"]
+    host = OpsProfile.for_host()
+    assert recorded == host.to_dict()
+    assert recorded["kernels_isa"] == ("avx2+fma" if host.uses_kernels else None)
+    assert model.neuron_config.ops_profile == host
+    assert model.runtime.head.ops == host
+    recorded_isa = json.loads((folder / "neuron_config.json").read_text())["program_isa"]
+    assert recorded_isa == CpuBackend().program_isa() and recorded_isa  # e.g. "avx2"
+
+
+def test_head_computes_with_the_recorded_profile_not_the_hosts(artifact_copy):
+    """A folder traced with plain products keeps them on a host that has the kernels."""
+    recorded = json.loads((artifact_copy / "neuron_config.json").read_text())["ops_profile"]
+    edit_neuron_config(artifact_copy, ops_profile={**recorded, "skinny_linear": False})
+    model = Gemma3NeuronModelForCausalLM.from_pretrained(artifact_copy)
+    assert not model.runtime.head.ops.skinny_linear and model.runtime.head.screen is None
+
+
+def test_profile_needing_unavailable_kernels_is_refused_at_load(exported):
+    """Kernels off in a new process: loading says why and what to do, instead of loading
+    programs that would fail at their first call."""
+    _, _, folder = exported
+    if not OpsProfile.for_host().uses_kernels:
+        pytest.skip("exported without kernels on this host: nothing to refuse")
+    message = run_in_new_process(
+        "import json, os\n"
+        "os.environ['OPTIMUM_GEMMA3_DISABLE_KERNELS'] = '1'\n"
+        "from optimum_gemma3 import Gemma3NeuronModelForCausalLM as M\n"
+        "from optimum_gemma3.exporters.artifacts import ArtifactError\n"
+        "try:\n"
+        f"    M.from_pretrained({str(folder)!r})\n"
+        "    print(json.dumps('loaded'))\n"
+        "except ArtifactError as error:\n"
+        "    print(json.dumps(str(error)))\n"
+    )
+    message = json.loads(message)
+    assert "neuron_config.json records ops_profile=" in message
+    assert "C++ CPU kernels (which need avx2+fma)" in message
+    assert "OPTIMUM_GEMMA3_DISABLE_KERNELS is set" in message
+    assert "Re-export the model on this host" in message
+
+
+def test_programs_for_an_isa_this_cpu_lacks_are_refused_at_load(artifact_copy):
+    edit_neuron_config(artifact_copy, program_isa="avx1024")
+    with pytest.raises(
+        ArtifactError, match="records program_isa='avx1024'.*this CPU lacks them. Re-export"
+    ):
+        Gemma3NeuronModelForCausalLM.from_pretrained(artifact_copy)
+
+
+def test_folder_without_ops_profile_is_refused(artifact_copy):
+    path = artifact_copy / "neuron_config.json"
+    recorded = json.loads(path.read_text())
+    del recorded["ops_profile"]
+    path.write_text(json.dumps(recorded))
+    with pytest.raises(ArtifactError, match="records no ops_profile.*Re-export the model"):
+        Gemma3NeuronModelForCausalLM.from_pretrained(artifact_copy)

@@ -31,6 +31,7 @@ from optimum_gemma3.generation import (
 )
 from optimum_gemma3.head import HostHead
 from optimum_gemma3.modeling.layers import SKINNY_MAX_ROWS
+from optimum_gemma3.modeling.ops import OpsProfile
 from tests.test_kernels import needs_kernels, skinny_linear
 
 
@@ -139,7 +140,7 @@ def test_screened_linear_refuses_bad_inputs():
 
 @needs_kernels
 def test_host_head_screens_few_rows_and_computes_many_in_full():
-    head = HostHead(torch.randn(700, 64))
+    head = HostHead(torch.randn(700, 64), OpsProfile.for_host())
     few = torch.randn(2, 64)
     logits, floor = head.next_token_logits(few).near_top(1)
     assert torch.isinf(logits).any() and torch.isfinite(floor).all()
@@ -167,7 +168,7 @@ def test_screened_steps_give_the_scores_every_logit_gives(dtype, processors):
     """With the head's real screen, a greedy step picks the argmax of every logit, and a
     sampling step's scores are bit for bit those of every logit, so are its draws."""
     generator = torch.Generator().manual_seed(3)
-    head = HostHead(torch.randn(3000, 64, generator=generator).to(dtype))
+    head = HostHead(torch.randn(3000, 64, generator=generator).to(dtype), OpsProfile.for_host())
     hidden = (3 * torch.randn(4, 64, generator=generator)).to(dtype)
     sequences = torch.zeros(4, 1, dtype=torch.long)
     do_sample = any(isinstance(p, TopKLogitsWarper) for p in processors)
@@ -196,7 +197,7 @@ def test_screened_steps_give_the_scores_every_logit_gives(dtype, processors):
 
 @needs_kernels
 def test_top_k_beyond_the_vocabulary_keeps_every_token():
-    head = HostHead(torch.randn(30, 64))
+    head = HostHead(torch.randn(30, 64), OpsProfile.for_host())
     hidden = torch.randn(2, 64)
     processors = LogitsProcessorList([TopKLogitsWarper(50)])
     screen = screened_selection(processors, None, do_sample=True)

@@ -12,12 +12,11 @@ import torch.nn.functional as F
 from optimum_gemma3.modeling import DecodeGraph, PrefillGraph, kernels
 from optimum_gemma3.modeling.cache import decode_mask, filled_slots
 from optimum_gemma3.modeling.layers import (
-    CpuKernels,
     gelu_tanh,
     grouped_attention,
     linear,
-    tracing_with,
 )
+from optimum_gemma3.modeling.ops import PLAIN, OpsProfile
 from tests.test_parity import build_decoder
 
 needs_kernels = pytest.mark.skipif(
@@ -81,12 +80,12 @@ def test_linear_picks_the_product_by_rows_and_dtype(monkeypatch):
         torch.ops.optimum_gemma3, "skinny_linear", lambda x, w: calls.append("skinny") or x
     )
     weight = torch.randn(16, 16)
-    with tracing_with(CpuKernels(skinny_linear=True, onednn=True)):
-        linear(torch.randn(8, 16), weight)  # decode-sized
-        assert calls == ["skinny"]
-        many = torch.randn(9, 16)
-        torch.testing.assert_close(linear(many, weight), F.linear(many, weight))  # oneDNN
-        assert calls == ["skinny"]
+    ops = OpsProfile(skinny_linear=True, onednn=True)
+    linear(torch.randn(8, 16), weight, ops)  # decode-sized
+    assert calls == ["skinny"]
+    many = torch.randn(9, 16)
+    torch.testing.assert_close(linear(many, weight, ops), F.linear(many, weight))  # oneDNN
+    assert calls == ["skinny"]
 
 
 @needs_kernels
@@ -148,8 +147,8 @@ def test_fp32_decode_attention_matches_the_masked_graph(case):
     ours = decode_attention(q, k, v, filled_slots(positions, cache_len))
     assert ours.shape == q.shape and ours.dtype == torch.float32
     mask = decode_mask(positions, cache_len)
-    exact = grouped_attention(q.double(), k.double(), v.double(), mask, 0.3)
-    graph_error = (grouped_attention(q, k, v, mask, 0.3).double() - exact).abs().max()
+    exact = grouped_attention(q.double(), k.double(), v.double(), mask, 0.3, ops=PLAIN)
+    graph_error = (grouped_attention(q, k, v, mask, 0.3, ops=PLAIN).double() - exact).abs().max()
     assert (ours.double() - exact).abs().max() <= 4 * graph_error + 1e-6
 
 
@@ -163,7 +162,7 @@ def test_bf16_decode_attention_is_fp32_math_rounded_once(case):
     ours = decode_attention(q, k, v, filled_slots(positions, cache_len))
     assert ours.dtype == torch.bfloat16
     fp32 = grouped_attention(
-        q.float(), k.float(), v.float(), decode_mask(positions, cache_len), 0.3
+        q.float(), k.float(), v.float(), decode_mask(positions, cache_len), 0.3, ops=PLAIN
     )
     torch.testing.assert_close(ours.float(), fp32, rtol=2**-7, atol=1e-3)
     assert (ours == fp32.bfloat16()).float().mean() > 0.95
@@ -201,25 +200,29 @@ def graph_ops(exported) -> set[str]:
     return {str(node.target) for node in exported.graph.nodes}
 
 
-@needs_kernels
-def test_only_cpu_backend_tracing_calls_the_kernels(tiny_checkpoints):
-    """Graphs traced for Neuron (or outside the `cpu` backend) see `F.linear`; the `cpu`
-    backend's decode program streams weights through `skinny_linear`, and its prefill
-    program (3 x 16 rows) uses oneDNN's `dense`, with the head on the last token only.
-    Only the decode program reads its caches through `decode_attention`."""
-    decoder = build_decoder(tiny_checkpoints("270m"))
-    ids = torch.zeros(3, 16, dtype=torch.long)
-    step = (torch.zeros(3, 1, dtype=torch.long), torch.zeros(3, dtype=torch.long))
+STEP = (torch.zeros(3, 1, dtype=torch.long), torch.zeros(3, dtype=torch.long))
 
-    plain = graph_ops(torch.export.export(DecodeGraph(decoder), step, strict=True))
+
+@needs_kernels
+def test_each_decoder_traces_the_ops_of_its_own_profile(tiny_checkpoints):
+    """Two decoders in one process, one plain (as traced for Neuron) and one with this
+    host's profile (the `cpu` backend's), traced in turns: each graph holds its own
+    decoder's forms, whatever was traced before. The host decode program streams weights
+    through `skinny_linear`, and its prefill program (3 x 16 rows) uses oneDNN's `dense`,
+    with the head on the last token only. Only the decode program reads its caches
+    through `decode_attention`."""
+    folder = tiny_checkpoints("270m")
+    host = build_decoder(folder, ops=OpsProfile.for_host())
+    plain_decoder = build_decoder(folder)
+    ids = torch.zeros(3, 16, dtype=torch.long)
+
+    decode = graph_ops(torch.export.export(DecodeGraph(host), STEP, strict=True))
+    plain = graph_ops(torch.export.export(DecodeGraph(plain_decoder), STEP, strict=True))
+    prefill = graph_ops(
+        torch.export.export(PrefillGraph(host), (ids, torch.ones_like(ids)), strict=True)
+    )
     assert "aten.linear.default" in plain
     assert not any(op.startswith("optimum_gemma3") for op in plain)
-
-    with tracing_with(CpuKernels.for_host()):
-        decode = graph_ops(torch.export.export(DecodeGraph(decoder), step, strict=True))
-        prefill = graph_ops(
-            torch.export.export(PrefillGraph(decoder), (ids, torch.ones_like(ids)), strict=True)
-        )
     assert "optimum_gemma3.skinny_linear.default" in decode
     assert "aten.linear.default" not in decode
     assert "optimum_gemma3.decode_attention.default" in decode
@@ -232,6 +235,7 @@ def test_only_cpu_backend_tracing_calls_the_kernels(tiny_checkpoints):
 def test_kernels_can_be_turned_off_or_missing(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("OPTIMUM_GEMMA3_DISABLE_KERNELS", "1")
     assert kernels.load.__wrapped__() is False
+    assert kernels.unavailable_reason() == "OPTIMUM_GEMMA3_DISABLE_KERNELS is set"
 
     monkeypatch.delenv("OPTIMUM_GEMMA3_DISABLE_KERNELS")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built here yet
@@ -241,6 +245,13 @@ def test_kernels_can_be_turned_off_or_missing(monkeypatch, tmp_path, caplog):
         assert kernels.load.__wrapped__() is False
     assert "CPU kernels unavailable, using BLAS products: no C++ compiler" in caplog.text
     assert not any(tmp_path.rglob("*.so"))
+    assert kernels.unavailable_reason().startswith("building them failed")
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert kernels.load.__wrapped__() is False
+    assert kernels.unavailable_reason() == (
+        "the CPU lacks avx2+fma (torch reports CPU capability DEFAULT)"
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -251,8 +262,7 @@ def test_gelu_as_sigmoid_is_transformers_gelu(dtype):
     and ours their tiny values: absolute errors, not relative ones, are compared.)"""
     x = torch.cat([torch.linspace(-12, 12, 100_001), torch.tensor([-1e30, -100.0, 100.0, 1e30])])
     x = x.to(dtype)
-    with tracing_with(CpuKernels(gelu_as_sigmoid=True)):
-        ours = gelu_tanh(x)
+    ours = gelu_tanh(x, OpsProfile(gelu_as_sigmoid=True))
     theirs = F.gelu(x, approximate="tanh")
     x64 = x.double()  # the same function, without the tanh form's cancellation below 0
     exact = x64 * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (x64 + 0.044715 * x64**3))
@@ -264,3 +274,15 @@ def test_gelu_as_sigmoid_is_transformers_gelu(dtype):
         ours, theirs, rtol=2**-7 if dtype == torch.bfloat16 else 1e-5, atol=1e-6
     )
     assert torch.equal(ours[-4:], theirs[-4:])
+
+
+def test_gelu_form_follows_the_decoder_profile(tiny_checkpoints):
+    """Without any kernels: a decoder built with `gelu_as_sigmoid` traces sigmoid where a
+    plain one, built in the same process, traces transformers' gelu."""
+    folder = tiny_checkpoints("270m")
+    sigmoid = build_decoder(folder, ops=OpsProfile(gelu_as_sigmoid=True))
+    plain = build_decoder(folder)
+    sigmoid_ops = graph_ops(torch.export.export(DecodeGraph(sigmoid), STEP, strict=True))
+    plain_ops = graph_ops(torch.export.export(DecodeGraph(plain), STEP, strict=True))
+    assert "aten.sigmoid.default" in sigmoid_ops and "aten.gelu.default" not in sigmoid_ops
+    assert "aten.gelu.default" in plain_ops and "aten.sigmoid.default" not in plain_ops

@@ -16,8 +16,8 @@ from optimum_gemma3.accuracy import (
     logits_within_tolerance,
 )
 from optimum_gemma3.generation import greedy_generate
-from optimum_gemma3.modeling import Gemma3Decoder, layers, text_config
-from optimum_gemma3.modeling.layers import CpuKernels, tracing_with
+from optimum_gemma3.modeling import Gemma3Decoder, OpsProfile, layers, text_config
+from optimum_gemma3.modeling.ops import PLAIN
 from optimum_gemma3.weights import load_weights
 from tests.tiny_models import TEXT_SHAPES, TINY_CONFIGS, load_reference
 
@@ -38,23 +38,26 @@ def left_padded_batch(vocab_size: int, seed: int = 0, lengths=LENGTHS):
     return ids, mask
 
 
-@pytest.fixture(params=["f_linear", "cpu_kernels"])
-def products(request):
-    """Run the graphs with `F.linear` (as traced for Neuron) and with the `cpu` backend's
-    kernels (oneDNN, skinny_linear for decode-sized products, decode_attention), which
-    its programs call."""
-    if request.param == "f_linear":
-        yield
-        return
-    chosen = CpuKernels.for_host()
-    if not chosen.skinny_linear:
+def host_profile_with_kernels() -> OpsProfile:
+    """This host's ops profile (what its `cpu` programs use), skipping where its C++
+    kernels are unavailable."""
+    profile = OpsProfile.for_host()
+    if not profile.uses_kernels:
         pytest.skip("optimum-gemma3's CPU kernels need an AVX2 CPU and a C++ compiler")
-    with tracing_with(chosen):
-        yield
+    return profile
 
 
-def build_decoder(folder, dtype=torch.float32, batch_size=3):
-    decoder = Gemma3Decoder(AutoConfig.from_pretrained(folder), batch_size, SEQUENCE_LENGTH, dtype)
+@pytest.fixture(params=["plain", "host"])
+def products(request) -> OpsProfile:
+    """The ops profile to build decoders with: plain (`F.linear`, as traced for Neuron)
+    and this host's (oneDNN, skinny_linear for decode-sized products, decode_attention),
+    which its `cpu` programs use."""
+    return PLAIN if request.param == "plain" else host_profile_with_kernels()
+
+
+def build_decoder(folder, dtype=torch.float32, batch_size=3, ops: OpsProfile = PLAIN):
+    config = AutoConfig.from_pretrained(folder)
+    decoder = Gemma3Decoder(config, batch_size, SEQUENCE_LENGTH, dtype, ops=ops)
     load_weights(decoder, folder)
     return decoder.eval()
 
@@ -81,7 +84,7 @@ def our_greedy(decoder, ids, mask, new_tokens=NEW_TOKENS, **kwargs):
 def test_fp32_greedy_tokens_identical(name, tiny_checkpoints, products):
     folder = tiny_checkpoints(name)
     reference = load_reference(folder, torch.float32, attn="eager")
-    decoder = build_decoder(folder)
+    decoder = build_decoder(folder, ops=products)
     ids, mask = left_padded_batch(text_config(reference.config).vocab_size)
 
     expected = hf_greedy(reference, ids, mask)
@@ -145,14 +148,12 @@ def test_bf16_with_cpu_kernels_no_less_accurate_than_transformers(name, tiny_che
     amplify them past the tolerances (transformers' own bf16 logits are 4-6x past them
     measured against fp32). What must hold: against fp32, ours are as accurate as
     transformers' bf16."""
-    chosen = CpuKernels.for_host()
-    if not chosen.skinny_linear:
-        pytest.skip("optimum-gemma3's CPU kernels need an AVX2 CPU and a C++ compiler")
+    ops = host_profile_with_kernels()
     folder = tiny_checkpoints(name)
     ids, mask = left_padded_batch(text_config(AutoConfig.from_pretrained(folder)).vocab_size, 2)
     forced, expected = hf_bf16_teacher_forcing(folder, ids, mask)
-    with tracing_with(chosen):
-        ours = our_greedy(build_decoder(folder, torch.bfloat16), ids, mask, forced_tokens=forced)
+    decoder = build_decoder(folder, torch.bfloat16, ops=ops)
+    ours = our_greedy(decoder, ids, mask, forced_tokens=forced)
 
     problems = less_accurate_than(ours.logits, expected, fp32_logits_of(folder, ids, mask, forced))
     assert not problems, problems

@@ -11,10 +11,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optimum_gemma3 import Gemma3NeuronModelForCausalLM
 from optimum_gemma3.accuracy import less_accurate_than
-from optimum_gemma3.modeling.layers import CpuKernels, tracing_with
 from scripts.accuracy import DEFAULT_PROMPTS
 from tests.test_artifacts import run_in_new_process
-from tests.test_parity import build_decoder, fp32_logits_of, hf_bf16_teacher_forcing, our_greedy
+from tests.test_parity import (
+    build_decoder,
+    fp32_logits_of,
+    hf_bf16_teacher_forcing,
+    host_profile_with_kernels,
+    our_greedy,
+)
 
 pytestmark = pytest.mark.real_model
 NEW_TOKENS = 24
@@ -172,9 +177,7 @@ def test_bf16_with_cpu_kernels_no_less_accurate_than_transformers(real_270m, tok
     """bf16 on real weights, teacher-forced on transformers' bf16 eager tokens: against
     transformers' fp32 logits, our graphs with the `cpu` backend's kernels are as accurate
     as transformers' bf16 (measured: mean error 0.089 vs 0.099, top-5 0.098 vs 0.105)."""
-    chosen = CpuKernels.for_host()
-    if not chosen.skinny_linear:
-        pytest.skip("optimum-gemma3's CPU kernels need an AVX2 CPU and a C++ compiler")
+    ops = host_profile_with_kernels()
     batch = tokenizer(
         ["The history of the Roman Empire began when", "def fibonacci(n):"],
         return_tensors="pt",
@@ -183,9 +186,8 @@ def test_bf16_with_cpu_kernels_no_less_accurate_than_transformers(real_270m, tok
     )
     ids, mask = batch.input_ids, batch.attention_mask
     forced, expected = hf_bf16_teacher_forcing(real_270m, ids, mask, new_tokens=32)
-    decoder = build_decoder(real_270m, torch.bfloat16, batch_size=2)
-    with tracing_with(chosen):
-        ours = our_greedy(decoder, ids, mask, new_tokens=32, forced_tokens=forced)
+    decoder = build_decoder(real_270m, torch.bfloat16, batch_size=2, ops=ops)
+    ours = our_greedy(decoder, ids, mask, new_tokens=32, forced_tokens=forced)
 
     truth = fp32_logits_of(real_270m, ids, mask, forced)
     problems = less_accurate_than(ours.logits, expected, truth)

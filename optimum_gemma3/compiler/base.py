@@ -26,6 +26,18 @@ class CompilerBackend(ABC):
         """Versions of the compiler stack that a program depends on, recorded at export and
         checked at load: a mismatch means the program may not load or may compute otherwise."""
 
+    def program_isa(self) -> str | None:
+        """The CPU instruction set that programs compiled here need (None: not CPU code).
+
+        Recorded at export, part of compile-cache keys, and checked at load
+        (`runs_program_isa`): a program built for wider vectors cannot run on a CPU without
+        them."""
+        return None
+
+    def runs_program_isa(self, isa: str) -> bool:
+        """Whether this host runs programs that need `isa` (a `program_isa` value)."""
+        return True
+
     @abstractmethod
     def compile(self, program: torch.nn.Module, example_inputs: tuple, path: Path) -> None:
         """Compile `program` for exactly the shapes of `example_inputs` and write it to `path`."""

@@ -1,8 +1,9 @@
 """A local content-addressed cache of compiled programs.
 
 Programs take weights as inputs, so a program depends only on the architecture, the
-export shapes and the compiler stack: exporting the same shape again (a fine-tune, a
-re-export) reuses it instead of recompiling for minutes.
+export shapes, the ops profile, the compiler stack and the source of the graphs and
+kernels: exporting the same shape again (a fine-tune, a re-export) reuses it instead of
+recompiling for minutes, and any change to that source (`graph_sources`) compiles anew.
 
 - Location: `$OPTIMUM_GEMMA3_CACHE_DIR`, else `~/.cache/optimum-gemma3/compiled`
   (`$XDG_CACHE_HOME` respected).
@@ -11,6 +12,7 @@ re-export) reuses it instead of recompiling for minutes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -20,6 +22,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from .. import compiler, modeling
 from ..paths import cache_root
 
 logger = logging.getLogger(__name__)
@@ -55,11 +58,39 @@ def cache_dir() -> Path | None:
     return cache_root() / "compiled"
 
 
+def graph_sources() -> list[Path]:
+    """The files whose content decides what a compiled program computes: the graphs and
+    the layers they call (the `modeling` package, its C++ kernels included) and the
+    compiler backends (how they trace and compile)."""
+    files = []
+    for package in (modeling, compiler):
+        root = Path(package.__file__).parent
+        files += [path for path in root.rglob("*") if path.suffix in (".py", ".cpp", ".h")]
+    return sorted(files)
+
+
+@functools.cache
+def graph_source_digest() -> str:
+    """sha256 of every `graph_sources` file's path and content, computed once per process."""
+    digest = hashlib.sha256()
+    for path in graph_sources():
+        data = path.read_bytes()
+        digest.update(f"{path.parent.name}/{path.name}:{len(data)}\n".encode())
+        digest.update(data)
+    return digest.hexdigest()
+
+
 def program_key(text_config: dict, graph: dict, versions: dict) -> str:
-    """Content address of one program: what the graph computes and what compiled it."""
+    """Content address of one program: what the graph computes (architecture, shapes, ops
+    profile and the source of graphs and kernels) and what compiled it."""
     architecture = {k: v for k, v in text_config.items() if k not in NON_GRAPH_CONFIG_KEYS}
     payload = json.dumps(
-        {"config": architecture, "graph": graph, "versions": versions},
+        {
+            "config": architecture,
+            "graph": graph,
+            "versions": versions,
+            "sources": graph_source_digest(),
+        },
         sort_keys=True,
         default=str,
     )

@@ -1,8 +1,9 @@
 """Checkpoint + export config -> a complete artifact folder.
 
 The one entry point is `export_to_folder`: resolve the checkpoint (local folder or Hub id),
-validate the export config against the model config, compile one program per prefill
-bucket plus the decode program (through the compile cache), write the weights in the
+validate the export config against the model config, choose the ops profile the graphs
+are traced with (`ops_profile_for`), compile one program per prefill bucket plus the
+decode program (through the compile cache), write the weights in the
 export dtype, copy the tokenizer and generation config, and write `neuron_config.json`
 last. The caller decides where the folder goes; writes happen in a staging folder that
 is renamed into place only when complete.
@@ -21,10 +22,11 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig, GenerationConfig
 
-from ..compiler import backend_for_target
+from ..compiler import CPU_TARGETS, backend_for_target
 from ..modeling import Gemma3Decoder, text_config
+from ..modeling.ops import OpsProfile
 from ..modeling.parallel import shard_state_dict, tracing_process_group
-from ..modeling.program import DECODE, PREFILL, PROGRAM_FORMAT, GraphProgram, example_inputs
+from ..modeling.program import DECODE, PREFILL, GraphProgram, example_inputs
 from ..weights import check_tensors, load_decoder_state_dict
 from .artifacts import (
     TOKENIZER_FILES,
@@ -55,6 +57,13 @@ def resolve_checkpoint(
     )
 
 
+def ops_profile_for(target: str) -> OpsProfile:
+    """The ops profile of programs compiled for `target`: on `cpu`, the fastest forms this
+    host has (the programs will run on a CPU; the runtime checks at load that its host
+    can run them); on Neuron, the plain ops, whose device forms the Neuron compiler picks."""
+    return OpsProfile.for_host() if target in CPU_TARGETS else OpsProfile()
+
+
 def export_to_folder(
     model_id: str | Path,
     neuron_config: Gemma3NeuronConfig,
@@ -74,6 +83,8 @@ def export_to_folder(
     versions = backend.versions()
     neuron_config.compiler = versions["compiler"]
     neuron_config.compiler_version = versions["compiler_version"]
+    neuron_config.ops_profile = ops_profile_for(neuron_config.target)
+    neuron_config.program_isa = backend.program_isa()
 
     def fill(folder: Path) -> None:
         config.save_pretrained(folder)
@@ -98,6 +109,7 @@ def _compile_programs(text, neuron_config, backend, versions, folder: Path) -> d
         neuron_config.sequence_length,
         neuron_config.torch_dtype,
         tp_degree,
+        neuron_config.ops_profile,
     )
     jobs = [
         (PREFILL, b, prefill_program_name(b, backend.program_suffix))
@@ -113,7 +125,7 @@ def _compile_programs(text, neuron_config, backend, versions, folder: Path) -> d
         "tp_degree": neuron_config.tp_degree,
         "target": neuron_config.target,
         "head_on_host": neuron_config.head_on_host,
-        "program_format": PROGRAM_FORMAT,
+        "ops_profile": neuron_config.ops_profile.to_dict(),
     }
     # One program serves every rank; tracing a sharded graph needs a process group.
     group = tracing_process_group() if tp_degree > 1 else contextlib.nullcontext()

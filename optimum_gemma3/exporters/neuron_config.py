@@ -4,8 +4,11 @@ It extends optimum-neuron's `NxDNeuronConfig`, so field names (`batch_size`,
 `sequence_length`, `max_context_length`, `tp_degree`, `torch_dtype`, `target`,
 `on_device_sampling`, `checkpoint_id`, `checkpoint_revision`) mean what they mean there,
 and optimum-neuron's serialization and version checks apply. Added here: the prefill
-buckets (`context_encoding_buckets`, NxD-inference's name) and the versions of this
-library, torch and the compiler that built the artifact.
+buckets (`context_encoding_buckets`, NxD-inference's name); the versions of this
+library, torch and the compiler that built the artifact; the ops profile its graphs were
+traced with (`ops_profile`: which products, attention and gelu forms, and the CPU
+features the kernels they call need); the CPU instruction set the compiled programs need
+(`program_isa`, None for Neuron programs).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from optimum.neuron.version import __version__ as optimum_neuron_version
 
 from .. import __version__
 from ..compiler import NEURON_TARGETS, TARGETS
+from ..modeling.ops import OpsProfile
 from ..modeling.parallel import TensorParallelLayout
 
 SUPPORTED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -70,6 +74,8 @@ class Gemma3NeuronConfig(NxDNeuronConfig):
         compiler_version: str | None = None,
         artifact_files: dict[str, str | None] | None = None,
         head_on_host: bool | None = None,
+        ops_profile: OpsProfile | dict | None = None,
+        program_isa: str | None = None,
         **kwargs,
     ):
         # Normalized here, before the base class maps names with its own table: aliases
@@ -91,6 +97,12 @@ class Gemma3NeuronConfig(NxDNeuronConfig):
         if head_on_host is None:
             head_on_host = self.target == "cpu" and self.tp_degree == 1
         self.head_on_host = head_on_host
+        # Set by the exporter (None until then): the forms the programs compute with, so
+        # that the runtime can check the host runs them and compute the head alike.
+        if isinstance(ops_profile, dict):
+            ops_profile = OpsProfile.from_dict(ops_profile)
+        self.ops_profile = ops_profile
+        self.program_isa = program_isa
 
     @property
     def dtype_name(self) -> str:
@@ -120,6 +132,12 @@ class Gemma3NeuronConfig(NxDNeuronConfig):
                 )
         # Folders written before the field existed have the head in their programs.
         config_dict.setdefault("head_on_host", False)
+        if config_dict.get("ops_profile") is None:
+            raise ValueError(
+                "it records no ops_profile (the forms of products and attention its programs "
+                "were traced with): it was exported by an earlier optimum-gemma3. Re-export "
+                "the model."
+            )
         serialized_key = config_dict.pop("_serialized_key", None)
         if serialized_key != cls.__name__:
             raise ValueError(f"_serialized_key={serialized_key!r}, expected {cls.__name__!r}.")
@@ -196,6 +214,8 @@ def _plain(value):
     """JSON-ready form of a config value (dtypes by name, tuples as lists)."""
     if isinstance(value, torch.dtype):
         return dtype_name(value)
+    if isinstance(value, OpsProfile):
+        return value.to_dict()
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, dict):

@@ -2,5 +2,14 @@
 
 from .config import FULL, SLIDING, text_config
 from .decoder import DecodeGraph, Gemma3Decoder, PrefillGraph
+from .ops import OpsProfile
 
-__all__ = ["FULL", "SLIDING", "DecodeGraph", "Gemma3Decoder", "PrefillGraph", "text_config"]
+__all__ = [
+    "FULL",
+    "SLIDING",
+    "DecodeGraph",
+    "Gemma3Decoder",
+    "OpsProfile",
+    "PrefillGraph",
+    "text_config",
+]

@@ -32,8 +32,9 @@ from .layers import (
     blocked_prefill_attention,
     decode_attention,
     linear,
-    linear_class,
+    output_linear,
 )
+from .ops import PLAIN, OpsProfile
 from .parallel import RANK_NAME, TensorParallelLayout, all_reduce, gather_vocab
 
 
@@ -57,19 +58,27 @@ class Attention(nn.Module):
     tensor-parallel build can give each rank a slice of the heads.
     """
 
-    def __init__(self, config: Gemma3TextConfig, cache: KVCache, layout: TensorParallelLayout):
+    def __init__(
+        self,
+        config: Gemma3TextConfig,
+        cache: KVCache,
+        layout: TensorParallelLayout,
+        ops: OpsProfile,
+    ):
         super().__init__()
+        self.ops = ops
         self.num_heads = layout.num_heads
         self.num_kv_heads = layout.num_kv_heads
         self.head_dim = config.head_dim
         # Gemma-3 scales scores by query_pre_attn_scalar**-0.5, not head_dim**-0.5 (27b: 168).
         self.scale = config.query_pre_attn_scalar**-0.5
         hidden, bias = config.hidden_size, config.attention_bias
-        self.q_proj = Linear(hidden, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        out_proj = linear_class(row_parallel=layout.degree > 1)
-        self.o_proj = out_proj(self.num_heads * self.head_dim, hidden, bias=bias)
+        self.q_proj = Linear(hidden, self.num_heads * self.head_dim, bias=bias, ops=ops)
+        self.k_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias, ops=ops)
+        self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias, ops=ops)
+        self.o_proj = output_linear(
+            self.num_heads * self.head_dim, hidden, bias, ops, row_parallel=layout.degree > 1
+        )
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.cache = cache
@@ -96,10 +105,10 @@ class Attention(nn.Module):
         if inputs.fill_index is not None:
             # Prefill starts from an empty cache: attend within the prompt, then store it.
             self.cache.fill(k, v, inputs.fill_index)
-            out = blocked_prefill_attention(q, k, v, mask, self.scale, inputs.window)
+            out = blocked_prefill_attention(q, k, v, mask, self.scale, inputs.window, ops=self.ops)
         else:
             k, v = self.cache.update(k, v, inputs.positions)
-            out = decode_attention(q, k, v, mask, inputs.filled, self.scale)
+            out = decode_attention(q, k, v, mask, inputs.filled, self.scale, self.ops)
         batch, seq = queries.shape[:2]
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
@@ -113,16 +122,18 @@ class DecoderLayer(nn.Module):
         layer_type: str,
         cache: KVCache,
         layout: TensorParallelLayout,
+        ops: OpsProfile,
     ):
         super().__init__()
         self.layer_type = layer_type
         eps = config.rms_norm_eps
-        self.self_attn = Attention(config, cache, layout)
+        self.self_attn = Attention(config, cache, layout, ops)
         self.mlp = MLP(
             config.hidden_size,
             layout.intermediate_size,
             config.hidden_activation,
             row_parallel=layout.degree > 1,
+            ops=ops,
         )
         self.input_layernorm = RMSNorm(config.hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
@@ -154,6 +165,7 @@ class Gemma3Decoder(nn.Module):
     prefill accepts any prompt length up to `sequence_length`, so each bucket is the same
     module traced with a different input shape. With `tp_degree > 1` it is one rank's
     slice of the model (see `parallel`): the same graph on every rank, its rank a weight.
+    `ops` says which forms of products, attention and gelu its graphs use (see `ops`).
     """
 
     def __init__(
@@ -163,10 +175,12 @@ class Gemma3Decoder(nn.Module):
         sequence_length: int,
         dtype: torch.dtype = torch.float32,
         tp_degree: int = 1,
+        ops: OpsProfile = PLAIN,
     ):
         super().__init__()
         config = text_config(config)
         self.config = config
+        self.ops = ops
         self.layout = layout = TensorParallelLayout.for_config(config, tp_degree)
         self.batch_size = batch_size
         self.sequence_length = sequence_length
@@ -189,13 +203,13 @@ class Gemma3Decoder(nn.Module):
                 config.head_dim,
                 dtype,
             )
-            layers.append(DecoderLayer(config, layer_type, cache, layout))
+            layers.append(DecoderLayer(config, layer_type, cache, layout, ops))
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = (
             None
             if config.tie_word_embeddings
-            else Linear(config.hidden_size, layout.vocab_size, bias=False)
+            else Linear(config.hidden_size, layout.vocab_size, bias=False, ops=ops)
         )
         if layout.degree > 1:
             self.register_parameter(
@@ -217,6 +231,7 @@ class Gemma3Decoder(nn.Module):
         sequence_length: int,
         dtype: torch.dtype,
         tp_degree: int = 1,
+        ops: OpsProfile = PLAIN,
     ):
         """A decoder with uninitialized weights and caches, built without initialization cost.
 
@@ -224,7 +239,7 @@ class Gemma3Decoder(nn.Module):
         list cache shapes; the fixed fp32 tables are computed for real.
         """
         with torch.device("meta"):
-            decoder = cls(config, batch_size, sequence_length, dtype, tp_degree)
+            decoder = cls(config, batch_size, sequence_length, dtype, tp_degree, ops)
         decoder.to_empty(device="cpu")
         decoder.init_constants()
         return decoder
@@ -259,7 +274,7 @@ class Gemma3Decoder(nn.Module):
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of final-normed hidden states (one token per row)."""
         if self.layout.degree == 1:
-            return linear(hidden, self.head_weight())
+            return linear(hidden, self.head_weight(), self.ops)
         # F.linear: the gathered tensor must not be a custom op's output (RowParallelLinear).
         logits = torch.nn.functional.linear(hidden, self.head_weight())
         return gather_vocab(logits, getattr(self, RANK_NAME), self.config.vocab_size)

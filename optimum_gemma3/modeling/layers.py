@@ -7,18 +7,16 @@ cast back before multiplying by V (as transformers' eager attention does).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from . import kernels
+from .ops import PLAIN, OpsProfile
 from .parallel import all_reduce
 
 # transformers' name for `F.gelu(x, approximate="tanh")`, Gemma-3's MLP activation.
@@ -28,56 +26,9 @@ GELU_TANH = "gelu_pytorch_tanh"
 SKINNY_MAX_ROWS = 8
 
 
-@dataclass(frozen=True)
-class CpuKernels:
-    """How the `cpu` backend's graphs compute products (and gelu) on this host
-    (`CpuBackend` traces with `for_host()`; everything else, Neuron tracing and eager runs,
-    with the defaults).
-
-    The choice is made when a graph is traced, so a program holds one form or the other,
-    and graphs traced for Neuron see plain `F.linear`, `F.gelu` and transformers' attention.
-    """
-
-    skinny_linear: bool = False  # torch.ops.optimum_gemma3.skinny_linear (modeling/kernels)
-    decode_attention: bool = False  # torch.ops.optimum_gemma3.decode_attention (same place)
-    onednn: bool = False  # torch.ops.optimum_gemma3.dense: oneDNN, fp32, many rows
-    # No bf16 matmul instructions: bf16 products of many rows (prefill projections,
-    # attention) are computed from fp32 copies and rounded once (see `linear`).
-    bf16_products_in_fp32: bool = False
-    # gelu(tanh) as x * sigmoid(2u), the same function (see `gelu_tanh`).
-    gelu_as_sigmoid: bool = False
-
-    @classmethod
-    def for_host(cls) -> CpuKernels:
-        return cls(
-            skinny_linear=kernels.load(),
-            decode_attention=kernels.load(),
-            onednn=kernels.load() and torch.backends.mkldnn.is_available(),
-            bf16_products_in_fp32=not torch.backends.mkldnn.is_available()
-            or not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
-            gelu_as_sigmoid=True,
-        )
-
-
-_cpu_kernels = CpuKernels()
-
-
-@contextlib.contextmanager
-def tracing_with(cpu_kernels: CpuKernels) -> Iterator[None]:
-    """Trace graphs that call `cpu_kernels` inside this block."""
-    global _cpu_kernels
-    previous, _cpu_kernels = _cpu_kernels, cpu_kernels
-    try:
-        yield
-    finally:
-        _cpu_kernels = previous
-
-
-def linear(
-    x: torch.Tensor, weight: torch.Tensor, cpu_kernels: CpuKernels | None = None
-) -> torch.Tensor:
-    """`x @ weight.T`, by the fastest product the tracing host has for this shape (or by
-    `cpu_kernels`' choice, for eager callers such as the runtime's head).
+def linear(x: torch.Tensor, weight: torch.Tensor, ops: OpsProfile) -> torch.Tensor:
+    """`x @ weight.T`, by the product `ops` chooses for this shape (the `cpu` backend's
+    profile: the fastest this host has).
 
     Why: decode multiplies 1-8 rows by each weight, so it is bound by how fast weights
     stream from memory, and BLAS streams them slowly here: on our AMD AVX2 hosts MKL's
@@ -90,22 +41,27 @@ def linear(
     fp32 copies (exact) and is rounded once: the same fp32-sum, one-rounding contract as
     a bf16 GEMM, at fp32 speed.
     """
-    chosen = cpu_kernels or _cpu_kernels
     rows = x.numel() // x.shape[-1]
-    if chosen.skinny_linear and rows <= SKINNY_MAX_ROWS:
+    if ops.skinny_linear and rows <= SKINNY_MAX_ROWS:
         return torch.ops.optimum_gemma3.skinny_linear(x, weight)
-    if chosen.bf16_products_in_fp32 and x.dtype == torch.bfloat16:
-        return linear(x.float(), weight.float(), chosen).to(x.dtype)
-    if chosen.onednn and x.dtype == torch.float32:
+    if ops.bf16_products_in_fp32 and x.dtype == torch.bfloat16:
+        return linear(x.float(), weight.float(), ops).to(x.dtype)
+    if ops.onednn and x.dtype == torch.float32:
         return torch.ops.optimum_gemma3.dense(x, weight)
     return F.linear(x, weight)
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` (same parameter names) computed by `linear`."""
+    """`nn.Linear` (same parameter names) computed by `linear` with its `ops` profile."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, ops: OpsProfile = PLAIN
+    ):
+        super().__init__(in_features, out_features, bias=bias)
+        self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = linear(x, self.weight)
+        out = linear(x, self.weight, self.ops)
         return out if self.bias is None else out + self.bias
 
 
@@ -122,8 +78,14 @@ class RowParallelLinear(nn.Linear):
         return out if self.bias is None else out + self.bias
 
 
-def linear_class(row_parallel: bool) -> type[nn.Linear]:
-    return RowParallelLinear if row_parallel else Linear
+def output_linear(
+    in_features: int, out_features: int, bias: bool, ops: OpsProfile, row_parallel: bool
+) -> nn.Linear:
+    """A block's last projection: a rank's `RowParallelLinear` slice with tensor
+    parallelism (which ignores `ops`: see there), else a `Linear`."""
+    if row_parallel:
+        return RowParallelLinear(in_features, out_features, bias=bias)
+    return Linear(in_features, out_features, bias=bias, ops=ops)
 
 
 class RMSNorm(nn.Module):
@@ -191,8 +153,8 @@ def attention_values(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def bf16_attention_in_fp32(attention: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """Run `attention(q, k, v, ...)` on fp32 copies of bf16 q/k/v, rounding the output once,
-    in `cpu` programs on CPUs without bf16 matmul instructions
-    (`CpuKernels.bf16_products_in_fp32`): there bf16 batched products take a slow path
+    in `cpu` programs on CPUs without bf16 matmul instructions (the `ops` keyword's
+    `bf16_products_in_fp32`): there bf16 batched products take a slow path
     (the 512-token prefill took 15 s, 2.2x transformers' sdpa), while fp32 products and
     softmax from the bf16 inputs, rounded once like sdpa's fp32 accumulation, are faster
     and more accurate. Applied to the outermost attention call, so the copies are made
@@ -200,8 +162,8 @@ def bf16_attention_in_fp32(attention: Callable[..., torch.Tensor]) -> Callable[.
     """
 
     @functools.wraps(attention)
-    def wrapper(q, k, v, *args):
-        if _cpu_kernels.bf16_products_in_fp32 and q.dtype == torch.bfloat16:
+    def wrapper(q, k, v, *args, ops: OpsProfile):
+        if ops.bf16_products_in_fp32 and q.dtype == torch.bfloat16:
             return attention(q.float(), k.float(), v.float(), *args).to(q.dtype)
         return attention(q, k, v, *args)
 
@@ -241,17 +203,18 @@ def decode_attention(
     mask: torch.Tensor,
     filled: torch.Tensor,
     scale: float,
+    ops: OpsProfile,
 ) -> torch.Tensor:
     """One new token per row (q `[B, H, 1, D]`) over its layer's whole KV cache.
 
     `mask` (`[B, 1, 1, L]`) and `filled` (`[B]`) say the same thing two ways: row `b` may
-    see exactly the cache slots `[0, filled[b])` (see `cache.decode_mask`). The `cpu`
-    backend's kernel reads only those slots, from the cache in its own dtype; elsewhere
-    the masked `grouped_attention` runs.
+    see exactly the cache slots `[0, filled[b])` (see `cache.decode_mask`). The kernel
+    (`ops.decode_attention`) reads only those slots, from the cache in its own dtype;
+    otherwise the masked `grouped_attention` runs.
     """
-    if _cpu_kernels.decode_attention:
+    if ops.decode_attention:
         return torch.ops.optimum_gemma3.decode_attention(q, k, v, filled, scale)
-    return grouped_attention(q, k, v, mask, scale)
+    return grouped_attention(q, k, v, mask, scale, ops=ops)
 
 
 # Prefill attention runs this many queries at a time (see `blocked_prefill_attention`).
@@ -275,9 +238,11 @@ def blocked_prefill_attention(
     are masked for every query of the block (prompts are left-padded, so index distance
     is position distance), and masked keys weigh exactly 0 after the softmax.
     """
+    # q, k, v are already in the dtype `ops` computes in (the decorator converted them):
+    # the calls below need no conversion, whatever the profile.
     length = q.shape[2]
     if length <= PREFILL_QUERY_BLOCK:
-        return grouped_attention(q, k, v, mask, scale)
+        return grouped_attention(q, k, v, mask, scale, ops=PLAIN)
     blocks = []
     for start in range(0, length, PREFILL_QUERY_BLOCK):
         end = min(start + PREFILL_QUERY_BLOCK, length)
@@ -289,14 +254,16 @@ def blocked_prefill_attention(
                 v[:, :, first:end],
                 mask[:, :, start:end, first:end],
                 scale,
+                ops=PLAIN,
             )
         )
     return torch.cat(blocks, dim=2)
 
 
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+def gelu_tanh(x: torch.Tensor, ops: OpsProfile) -> torch.Tensor:
     """transformers' `gelu_pytorch_tanh`, `0.5 x (1 + tanh(u))` with
-    `u = sqrt(2/pi) (x + 0.044715 x^3)`; in `cpu` programs as `x * sigmoid(2u)`.
+    `u = sqrt(2/pi) (x + 0.044715 x^3)`; as `x * sigmoid(2u)` where `ops.gelu_as_sigmoid`
+    (`cpu` programs).
 
     The two are the same function (`(1 + tanh(u)) / 2 = sigmoid(2u)`), and the sigmoid
     form is no further from it in float64 than `F.gelu` (tests/test_kernels.py).
@@ -304,7 +271,7 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     exp is 2.4x faster (2.78 -> 1.15 ms for the 270M's 512x2048 gate, about 2% of its
     512-token prefill). Computed in fp32 and rounded once, as `F.gelu` does for bf16.
     """
-    if not _cpu_kernels.gelu_as_sigmoid:
+    if not ops.gelu_as_sigmoid:
         return F.gelu(x, approximate="tanh")
     x32 = x.float()
     twice_u = (2 * math.sqrt(2 / math.pi)) * (x32 + 0.044715 * x32 * x32 * x32)
@@ -315,13 +282,22 @@ class MLP(nn.Module):
     """`down(act(gate(x)) * up(x))`; Gemma-3's activation is gelu with the tanh approximation."""
 
     def __init__(
-        self, hidden_size: int, intermediate_size: int, activation: str, row_parallel: bool
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        activation: str,
+        row_parallel: bool,
+        ops: OpsProfile = PLAIN,
     ):
         super().__init__()
-        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = linear_class(row_parallel)(intermediate_size, hidden_size, bias=False)
-        self.act = gelu_tanh if activation == GELU_TANH else ACT2FN[activation]
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False, ops=ops)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False, ops=ops)
+        self.down_proj = output_linear(
+            intermediate_size, hidden_size, False, ops, row_parallel=row_parallel
+        )
+        self.act = (
+            functools.partial(gelu_tanh, ops=ops) if activation == GELU_TANH else ACT2FN[activation]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

@@ -17,9 +17,6 @@ from .decoder import DecodeGraph, Gemma3Decoder, PrefillGraph
 
 PREFILL = "prefill"
 DECODE = "decode"
-# Bumped whenever a graph, the program signature or the input layout changes: part of
-# compile-cache keys, which do not hash the graph source.
-PROGRAM_FORMAT = 10
 
 
 class GraphProgram(nn.Module):

@@ -45,6 +45,8 @@ SOURCES = tuple(
 )
 HEADERS = (HERE / "vector.h", HERE / "linear_shapes.h", HERE / "row_products.h")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
+# The CPU features FLAGS compile for, recorded with a profile that calls the kernels.
+REQUIRED_ISA = "avx2+fma"
 # CPU capabilities (torch.backends.cpu.get_cpu_capability) that have AVX2 and FMA.
 SUPPORTED_CAPABILITIES = ("AVX2", "AVX512")
 
@@ -97,10 +99,24 @@ def _build() -> Path:
     return library
 
 
+def _disabled() -> bool:
+    return os.environ.get("OPTIMUM_GEMMA3_DISABLE_KERNELS", "").lower() in ("1", "true", "yes")
+
+
+def unavailable_reason() -> str:
+    """Why `load()` returns False here, in words for an error message."""
+    if _disabled():
+        return "OPTIMUM_GEMMA3_DISABLE_KERNELS is set"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in SUPPORTED_CAPABILITIES:
+        return f"the CPU lacks {REQUIRED_ISA} (torch reports CPU capability {capability})"
+    return "building them failed (the warning logged when they were first needed says why)"
+
+
 @functools.cache
 def load() -> bool:
     """Load the kernels (building them if needed); False where they cannot run here."""
-    if os.environ.get("OPTIMUM_GEMMA3_DISABLE_KERNELS", "").lower() in ("1", "true", "yes"):
+    if _disabled():
         return False
     capability = torch.backends.cpu.get_cpu_capability()
     if capability not in SUPPORTED_CAPABILITIES:
