@@ -110,13 +110,49 @@ def test_screened_values_are_skinny_linear_and_bound_the_rest(dtype, rows, featu
     assert int(random_rows.any(0).sum()) <= rows * (3 * k + 10)
 
 
+def unscreenable(case: str, dtype):
+    """x, weight, q8, scales for which the screen's bound does not hold: every logit then."""
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(500, 64, generator=generator)
+    x = torch.randn(2, 64, generator=generator)
+    if case == "x not finite":
+        x[1, 3] = torch.inf
+    elif case == "logit overflows":  # token 123's exact logit is +inf in row 0
+        x *= 1e20
+        weight[123] = 1e20 * x[0].sign()
+    elif case == "screen overflows":  # every exact logit finite, but 127 |x| overflows
+        x[:, 0], x[:, 1], x[:, 2:] = 1e37, -1e37, 1e33 * x[:, 2:]
+        weight[:, :2] = 4  # q = 127: x.q sums +inf and -inf, while x.w cancels
+    x, weight = x.to(dtype), weight.to(dtype)
+    q8, scales = quantize_rows(weight)
+    if case.startswith("anchor's logit"):  # a weight changed after its int8 copy was made
+        x[0, 5] = 1
+        anchor = int((scales * (q8.float() @ x[0].float())).argmax())  # row 0's best screened
+        weight[anchor, 5] = torch.nan if case.endswith("NaN") else torch.inf
+    return x, weight, q8, scales
+
+
 @needs_kernels
-def test_screened_linear_computes_everything_for_non_finite_inputs():
-    weight = torch.randn(500, 64)
-    x = torch.randn(2, 64)
-    x[1, 3] = torch.inf
-    ours, floor = screened_linear(x, weight)
-    torch.testing.assert_close(ours, skinny_linear(x, weight), rtol=0, atol=0, equal_nan=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "x not finite",
+        "logit overflows",
+        "screen overflows",
+        "anchor's logit NaN",
+        "anchor's logit +inf",
+    ],
+)
+def test_screened_linear_computes_every_logit_where_the_bound_fails(case, dtype):
+    """Where a sum could overflow or a threshold would be NaN, every logit, exactly as the
+    full product gives them, with a floor of -inf (not a row of -inf that greedy would
+    read as token 0)."""
+    x, weight, q8, scales = unscreenable(case, dtype)
+    ours, floor = torch.ops.optimum_gemma3.screened_linear(x, weight, q8, scales, k=1)
+    full = skinny_linear(x, weight)
+    torch.testing.assert_close(ours, full, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(ours.float().argmax(-1), full.float().argmax(-1))
     assert torch.isinf(floor).all() and (floor < 0).all()
 
 
