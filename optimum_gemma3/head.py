@@ -51,7 +51,9 @@ class HostHead:
     def screened(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`NextTokenLogits.near_top(k)` by `screened_linear` (needs the kernels, and at most
         `SKINNY_MAX_ROWS` rows: the full product is then `skinny_linear`, whose sums the
-        screen reproduces). A k beyond the vocabulary asks for every token, as top-k does."""
+        screen reproduces). A k beyond the vocabulary asks for every token, as top-k does.
+        Where the screen's bound cannot hold (a sum could overflow), every logit and a floor
+        of -inf, as a head that cannot screen answers."""
         k = min(k, self.weight.shape[0])
         return torch.ops.optimum_gemma3.screened_linear(hidden, self.weight, *self.screen, k=k)
 

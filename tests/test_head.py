@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers.generation import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
@@ -111,13 +112,94 @@ def test_screened_values_are_skinny_linear_and_bound_the_rest(dtype, rows, featu
     assert int(random_rows.any(0).sum()) <= rows * (3 * k + 10)
 
 
+def opposite_orders(dtype, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [1, 640] and two weight rows whose int8 screen orders them opposite to their exact
+    logits by 317/640 of l1 s, 99% of the largest possible error (l1 s / 2), so only a
+    radius of at least 0.4953 l1 s keeps the exact argmax (`screened_linear`'s is 0.5147).
+
+    Scale s = 2^-7 for both rows (a level of -127). Three entries with x = 1 and the same
+    levels (-127, -127, -63) in both rows shift every logit by -317 s, so the floor is near
+    0 and bf16's wide margin (2^-5 |F|) adds nothing. On the other 637 entries x = +-1 and
+    token 1's weight is 0.498 s x (0.5 - 2^-9, the largest bf16 below half a level): level
+    0, error 0.498 s each, so a = -317 s but f = (-317 + 637 * 0.498) s = +0.256 s. Token
+    0's weight is s x on 317 of them: levels exact, a = f = 0. So the screen ranks token 0
+    first by 317 s, but token 1 is the exact argmax. Every value and sum is exact in bf16
+    and fp32 (multiples of 2^-16 below 8).
+    """
+    scale, half = 2.0**-7, 0.5 - 2.0**-9
+    signs = torch.randint(0, 2, (637,), generator=generator).float() * 2 - 1
+    x = torch.cat([torch.ones(3), signs])[None]
+    shift = scale * torch.tensor([-127.0, -127.0, -63.0])
+    exact_levels = torch.cat([signs[:317], torch.zeros(320)])
+    weight = torch.stack(
+        [torch.cat([shift, scale * exact_levels]), torch.cat([shift, scale * half * signs])]
+    )
+    return x.to(dtype), weight.to(dtype)
+
+
 @needs_kernels
-def test_screened_linear_computes_everything_for_non_finite_inputs():
-    weight = torch.randn(500, 64)
-    x = torch.randn(2, 64)
-    x[1, 3] = torch.inf
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_screen_radius_is_just_wide_enough_for_the_worst_rounding(dtype):
+    """Gaussian data reaches ~13% of the radius; this reaches 96%, so a radius 4% short
+    (a 0.48 where the bound's 0.5 is) loses the exact argmax."""
+    x, weight = opposite_orders(dtype, torch.Generator().manual_seed(7))
+    q8, scales = quantize_rows(weight)
+    l1, s = 640, 2.0**-7
+    assert torch.equal(scales, torch.tensor([s, s]))
+    screened = scales.double() * (q8.double() @ x[0].double())
+    assert screened[0] - screened[1] == 317 * s > 0.99 * l1 * s / 2
+    full = skinny_linear(x, weight)
+    assert torch.equal(full.double(), F.linear(x.double(), weight.double()).to(dtype).double())
+    assert int(full.float().argmax()) == 1
+
     ours, floor = screened_linear(x, weight)
-    torch.testing.assert_close(ours, skinny_linear(x, weight), rtol=0, atol=0, equal_nan=True)
+    assert int(ours.float().argmax()) == 1 and ours[0, 1] == full[0, 1]
+    assert floor[0] == full[0, 0].float() == 0
+
+
+def unscreenable(case: str, dtype):
+    """x, weight, q8, scales for which the screen's bound does not hold: every logit then."""
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(500, 64, generator=generator)
+    x = torch.randn(2, 64, generator=generator)
+    if case == "x not finite":
+        x[1, 3] = torch.inf
+    elif case == "logit overflows":  # token 123's exact logit is +inf in row 0
+        x *= 1e20
+        weight[123] = 1e20 * x[0].sign()
+    elif case == "screen overflows":  # every exact logit finite, but 127 |x| overflows
+        x[:, 0], x[:, 1], x[:, 2:] = 1e37, -1e37, 1e33 * x[:, 2:]
+        weight[:, :2] = 4  # q = 127: x.q sums +inf and -inf, while x.w cancels
+    x, weight = x.to(dtype), weight.to(dtype)
+    q8, scales = quantize_rows(weight)
+    if case.startswith("anchor's logit"):  # a weight changed after its int8 copy was made
+        x[0, 5] = 1
+        anchor = int((scales * (q8.float() @ x[0].float())).argmax())  # row 0's best screened
+        weight[anchor, 5] = torch.nan if case.endswith("NaN") else torch.inf
+    return x, weight, q8, scales
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "x not finite",
+        "logit overflows",
+        "screen overflows",
+        "anchor's logit NaN",
+        "anchor's logit +inf",
+    ],
+)
+def test_screened_linear_computes_every_logit_where_the_bound_fails(case, dtype):
+    """Where a sum could overflow or a threshold would be NaN, every logit, exactly as the
+    full product gives them, with a floor of -inf (not a row of -inf that greedy would
+    read as token 0)."""
+    x, weight, q8, scales = unscreenable(case, dtype)
+    ours, floor = torch.ops.optimum_gemma3.screened_linear(x, weight, q8, scales, k=1)
+    full = skinny_linear(x, weight)
+    torch.testing.assert_close(ours, full, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(ours.float().argmax(-1), full.float().argmax(-1))
     assert torch.isinf(floor).all() and (floor < 0).all()
 
 

@@ -10,11 +10,7 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from optimum_gemma3.accuracy import (
-    less_accurate_than,
-    logit_tolerance_violations,
-    logits_within_tolerance,
-)
+from optimum_gemma3.accuracy import less_accurate_than
 from optimum_gemma3.generation import greedy_generate
 from optimum_gemma3.modeling import Gemma3Decoder, OpsProfile, layers, text_config
 from optimum_gemma3.modeling.ops import PLAIN
@@ -128,17 +124,28 @@ def fp32_logits_of(folder, ids, mask, forced):
 
 
 @pytest.mark.parametrize("name", ["270m", "4b", "27b", "4b-multimodal-original"])
-def test_bf16_logits_within_tolerance_of_hf_eager(name, tiny_checkpoints):
-    """With `F.linear` the bf16 graphs repeat transformers' eager ops, so its logits meet
-    the per-top-k tolerances (their other bf16 path: the next test)."""
+def test_bf16_plain_graphs_against_hf_eager(name, tiny_checkpoints):
+    """With `F.linear` the bf16 graphs repeat transformers' eager ops: the prefill step's
+    logits are bit for bit transformers' on every ISA.
+
+    Decode steps cannot be, on any ISA: a sliding layer's cache is a ring of `window`
+    slots, so softmax and `P @ V` sum the window's keys in ring order, where transformers'
+    cache keeps every key in order and sums over all of them (the masked ones as zeros).
+    fp32 sums in another order sometimes round to another bf16 (1 of the 1536 attention
+    outputs of a 27b decode step); the tiny random models amplify that past the per-top-k
+    tolerances, and which configs and steps it hits depends on the ISA's kernels (27b
+    with AVX512-BF16; 1b and 12b with AVX2 only). What holds everywhere: against fp32,
+    our bf16 logits are as accurate as transformers' (as with the cpu kernels: next test).
+    """
     folder = tiny_checkpoints(name)
     ids, mask = left_padded_batch(text_config(AutoConfig.from_pretrained(folder)).vocab_size, 2)
     forced, expected = hf_bf16_teacher_forcing(folder, ids, mask)
     ours = our_greedy(build_decoder(folder, torch.bfloat16), ids, mask, forced_tokens=forced)
 
     assert ours.logits.shape == expected.shape
-    worst = logit_tolerance_violations(ours.logits, expected)
-    assert logits_within_tolerance(ours.logits, expected), worst
+    assert torch.equal(ours.logits[:, 0], expected[:, 0])
+    problems = less_accurate_than(ours.logits, expected, fp32_logits_of(folder, ids, mask, forced))
+    assert not problems, problems
 
 
 @pytest.mark.parametrize("name", TEXT_SHAPES)

@@ -25,6 +25,15 @@
 // f < threshold, which rounds below F: the margin (2^-5 |F| in bf16, whose spacing is
 // <= 2^-7 |F|; 2^-20 |F| in fp32) plus 1e-30 for F = 0 keeps round(f) < F. So F, returned
 // as `floor`, is a value every non-candidate's logit is strictly below.
+//
+// All of this assumes no sum overflows. Each one the screen makes is below
+// 256 l1 max(1, max s) in magnitude: x.q's partial sums (<= 127 l1, up to rounding),
+// s (x.q) + radius (<= 128 l1 s), the exact partial sums (<= l1 max|w| = 127 l1 s) and F.
+// When that is not finite (x not finite, or so large that a sum could overflow), or a
+// threshold is not (an anchor's logit is NaN or +inf: only from a weight that q8 and
+// scales were not made from), every logit is computed and `floor` is -inf, as a head
+// that cannot screen answers (`NextTokenLogits.near_top`); a NaN threshold would
+// otherwise make every token a non-candidate.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -46,6 +55,30 @@ using namespace optimum_gemma3;
 
 constexpr float kUnitRoundoff = 1.0f / (1 << 24);
 constexpr int64_t kChunksPerThread = 4;
+// Every sum the screen makes is below kHeadroom * l1 * max(1, max s) (see the header).
+constexpr float kHeadroom = 256.0f;
+
+// The largest |v| of n values, or NaN if any is NaN (a vector max would drop it), 8 lanes
+// at a time.
+template <typename T>
+float largest_magnitude(const T* v, int64_t n) {
+  const int64_t n_lanes = n / kLanes * kLanes;
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 largest = _mm256_setzero_ps(), unordered = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n_lanes; i += kLanes) {
+    const __m256 lanes = load_fp32(v + i);
+    largest = _mm256_max_ps(largest, _mm256_andnot_ps(sign, lanes));
+    unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(lanes, lanes, _CMP_UNORD_Q));
+  }
+  float top = horizontal_max(largest);
+  bool nan = _mm256_movemask_ps(unordered) != 0;
+  for (int64_t i = n_lanes; i < n; ++i) {
+    const float value = static_cast<float>(v[i]);
+    nan = nan || std::isnan(value);
+    top = std::max(top, std::abs(value));
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : top;
+}
 
 // Row n's scale s = max|w| / 127 and levels q = round(w / s) (ties to even), clamped to
 // +-127, 8 lanes at a time: AVX2's division and rounding are IEEE's, as the scalar
@@ -55,21 +88,8 @@ constexpr int64_t kChunksPerThread = 4;
 template <typename W>
 float quantize_row(const W* row, int64_t n, int64_t K, int8_t* levels) {
   const int64_t k_lanes = K / kLanes * kLanes;
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  __m256 largest = _mm256_setzero_ps(), unordered = _mm256_setzero_ps();
-  for (int64_t k = 0; k < k_lanes; k += kLanes) {
-    const __m256 v = load_fp32(row + k);
-    largest = _mm256_max_ps(largest, _mm256_andnot_ps(sign, v));
-    unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  }
-  float top = horizontal_max(largest);
-  bool finite = _mm256_movemask_ps(unordered) == 0 && std::isfinite(top);
-  for (int64_t k = k_lanes; k < K; ++k) {
-    const float v = static_cast<float>(row[k]);
-    finite = finite && std::isfinite(v);
-    top = std::max(top, std::abs(v));
-  }
-  TORCH_CHECK(finite, "quantize_rows: weight row ", n, " is not finite");
+  const float top = largest_magnitude(row, K);
+  TORCH_CHECK(std::isfinite(top), "quantize_rows: weight row ", n, " is not finite");
   const float s = top / 127.0f;
   if (s == 0.0f) {
     std::fill(levels, levels + K, 0);
@@ -120,6 +140,13 @@ void exact_row(int64_t M, const float* x, const W* w, int64_t n, int64_t K, floa
   multiply(M, x, w + n * K, out, 0, 1, K, 1);
 }
 
+// The smallest of n values, or NaN if any is NaN (std::min_element would skip it).
+float lowest(const float* v, int64_t n) {
+  float low = std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) low = std::isnan(v[i]) || v[i] < low ? v[i] : low;
+  return low;
+}
+
 using Scored = std::pair<float, int64_t>;  // (screened logit, token)
 
 // Best first; as a heap's order, it keeps the worst on top.
@@ -147,12 +174,15 @@ void screen(int64_t M, const float* x, const W* w, const int8_t* q8, const float
   const double g = (K + 2) * static_cast<double>(kUnitRoundoff);
   const double gamma = g / (1.0 - g);
   const float coefficient = static_cast<float>((0.5 + 384.0 * gamma) * (1.0 + 4.0 * gamma));
+  // The bound needs sums that cannot overflow (see the header); else every logit.
+  const float top_scale = largest_magnitude(scales, N);
   std::vector<float> radius(M);
-  bool finite = true;
+  bool screenable = true;
   for (int64_t m = 0; m < M; ++m) {
     float l1 = 0.0f;
     for (int64_t i = 0; i < K; ++i) l1 += std::abs(x[m * K + i]);
-    finite = finite && std::isfinite(l1);
+    screenable = screenable && std::isfinite(kHeadroom * l1) &&
+                 std::isfinite(kHeadroom * l1 * top_scale);
     radius[m] = l1 * coefficient;
   }
 
@@ -173,14 +203,14 @@ void screen(int64_t M, const float* x, const W* w, const int8_t* q8, const float
       for (int64_t m = 0; m < M; ++m) {
         float* a = approx + m * N;
         for (int64_t n = n0; n < n1; ++n) a[n] *= scales[n];
-        if (finite) keep_best(a, n0, n1, k, chunk_best[c * M + m]);  // NaN has no order
+        if (screenable) keep_best(a, n0, n1, k, chunk_best[c * M + m]);
       }
     }
   });
 
   // The anchors, each row's k best a, and their exact logits set each row's threshold.
   std::vector<std::pair<int64_t, int64_t>> anchors;  // (row, token)
-  for (int64_t m = 0; m < M && finite; ++m) {
+  for (int64_t m = 0; m < M && screenable; ++m) {
     std::vector<Scored> best;
     for (int64_t c = 0; c < chunks; ++c)
       best.insert(best.end(), chunk_best[c * M + m].begin(), chunk_best[c * M + m].end());
@@ -195,18 +225,17 @@ void screen(int64_t M, const float* x, const W* w, const int8_t* q8, const float
       anchor_logit[j] = values[anchors[j].first];
     }
   });
-  std::vector<float> threshold(M, -std::numeric_limits<float>::infinity());
-  for (int64_t m = 0; m < M; ++m) {
-    floor[m] = -std::numeric_limits<float>::infinity();
-    if (!finite) continue;
-    const float lowest = *std::min_element(anchor_logit.begin() + m * k,
-                                           anchor_logit.begin() + (m + 1) * k);
-    floor[m] = static_cast<float>(static_cast<O>(lowest));  // F: rounded as out is
+  std::vector<float> threshold(M);
+  for (int64_t m = 0; m < M && screenable; ++m) {
+    // F, rounded as out is; NaN (so no threshold) if an anchor's logit is.
+    floor[m] = static_cast<float>(static_cast<O>(lowest(anchor_logit.data() + m * k, k)));
     const float margin = std::is_same_v<O, float> ? 0x1p-20f : 0x1p-5f;
     threshold[m] = floor[m] - std::abs(floor[m]) * margin - 1e-30f;
+    screenable = std::isfinite(threshold[m]);
   }
+  if (!screenable) std::fill(floor, floor + M, -std::numeric_limits<float>::infinity());
 
-  // Pass 2: every token some row may need, computed exactly (all of them if x is not finite).
+  // Pass 2: every token some row may need, computed exactly (all of them if unscreenable).
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<float> values(M);
     for (int64_t c = c0; c < c1; ++c) {
@@ -214,7 +243,7 @@ void screen(int64_t M, const float* x, const W* w, const int8_t* q8, const float
       for (int64_t m = 0; m < M; ++m)
         std::fill(out + m * N + n0, out + m * N + n1, -std::numeric_limits<float>::infinity());
       for (int64_t n = n0; n < n1; ++n) {
-        bool candidate = !finite;
+        bool candidate = !screenable;
         for (int64_t m = 0; m < M && !candidate; ++m)
           candidate = approx[m * N + n] + radius[m] * scales[n] >= threshold[m];
         if (!candidate) continue;
