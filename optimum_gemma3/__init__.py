@@ -4,11 +4,10 @@ Importing this package registers `Gemma3NeuronModelForCausalLM` with optimum-neu
 `optimum.neuron.NeuronModelForCausalLM` handles `gemma3_text` and `gemma3` checkpoints.
 """
 
-__version__ = "0.1.0.dev0"
-
-from .exporters.neuron_config import Gemma3NeuronConfig  # noqa: E402
-from .integration import register  # noqa: E402
-from .modeling_neuron import Gemma3NeuronModelForCausalLM  # noqa: E402
+from .artifact.neuron_config import Gemma3NeuronConfig
+from .integration.modeling import Gemma3NeuronModelForCausalLM
+from .integration.registry import register
+from .version import __version__
 
 register(Gemma3NeuronModelForCausalLM)
 

@@ -1,7 +1,7 @@
 """Names this package shares with optimum-neuron, transformers and the CLI, defined once.
 
 This module imports nothing, so every layer can use it, down to the lowest, and
-`exporters/cli.py` (whose parser optimum-cli builds at every start-up) stays light.
+`integration/cli.py` (whose parser optimum-cli builds at every start-up) stays light.
 """
 
 TEXT_MODEL_TYPE = "gemma3_text"
@@ -13,8 +13,13 @@ TASK = "text-generation"
 REGISTRY_MODE = "inference"
 
 # Which implementation compiles Gemma-3 for a Neuron instance when the installed
-# optimum-neuron registers its own (see optimum_gemma3.integration).
+# optimum-neuron registers its own (see optimum_gemma3.integration.registry).
 OPTIMUM_GEMMA3 = "optimum-gemma3"
 OPTIMUM_NEURON = "optimum-neuron"
 IMPLEMENTATIONS = (OPTIMUM_GEMMA3, OPTIMUM_NEURON)
 IMPLEMENTATION_ENV = "OPTIMUM_GEMMA3_IMPLEMENTATION"
+
+# Compile targets: this host's CPU (PyTorch AOTInductor) or an AWS Neuron instance family.
+CPU_TARGETS = ("cpu",)
+NEURON_TARGETS = ("inf2", "trn1", "trn2")
+TARGETS = CPU_TARGETS + NEURON_TARGETS

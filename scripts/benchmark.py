@@ -13,7 +13,7 @@ ms/token (greedy, and sampled with Gemma-3's recommended top_k=64, top_p=0.95), 
 and the ratio ours/transformers. The memory-bandwidth floor is measured in the same run:
 a decode step that computes every logit must read every weight once, so `weights bytes /
 bandwidth` is the fastest it can be. Our greedy steps and top-k sampling steps read the
-int8 screen of the head instead of the head itself (`optimum_gemma3.head`), so ours is
+int8 screen of the head instead of the head itself (`optimum_gemma3.runtime.head`), so ours is
 also shown against the bytes it must read; the table shows what fraction of each floor
 each side reaches.
 `--decode-scaling` exports decode programs for several sequence lengths and times a step

@@ -1,6 +1,6 @@
 """Products of the real 270M's shapes: F.linear, oneDNN (`dense`), skinny_linear.
 
-The numbers behind `modeling/layers.py: linear`: for 1 and 4 rows (decode at batch 1
+The numbers behind `graphs/layers.py: linear`: for 1 and 4 rows (decode at batch 1
 and 4), the median time of `x @ W.T` for the tied head and a layer's projections, and
 the rate the weights stream at (bytes / time); then, for the layers' projections at
 512 rows (a 512-token prefill), fp32 time and GFLOP/s. Random weights: only shapes
@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from optimum_gemma3.modeling import kernels
+from optimum_gemma3.graphs import kernels
 
 SHAPES = {  # name: (out features, in features) of Gemma-3 270M
     "head 262144x640": (262144, 640),

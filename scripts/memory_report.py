@@ -15,8 +15,8 @@ import argparse
 import torch
 from transformers import Gemma3TextConfig
 
-from optimum_gemma3.modeling import Gemma3Decoder
-from optimum_gemma3.modeling.program import cache_tensors
+from optimum_gemma3.graphs import Gemma3Decoder
+from optimum_gemma3.graphs.program import cache_tensors
 
 # The published text configs (sizes from the numerics doc); the rest are Gemma3TextConfig
 # defaults, whose layer pattern (5 sliding : 1 full) is what the checkpoints use.

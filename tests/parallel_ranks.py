@@ -14,9 +14,9 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from transformers import AutoConfig
 
-from optimum_gemma3.generation import greedy_generate
-from optimum_gemma3.modeling import Gemma3Decoder, text_config
-from optimum_gemma3.modeling.parallel import shard_state_dict
+from optimum_gemma3.graphs import Gemma3Decoder, text_config
+from optimum_gemma3.graphs.parallel import shard_state_dict
+from optimum_gemma3.runtime.loop import greedy_generate
 from optimum_gemma3.weights import load_decoder_state_dict
 
 

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from optimum_gemma3 import Gemma3NeuronConfig, Gemma3NeuronModelForCausalLM
+from optimum_gemma3.artifact.files import ArtifactError
 from optimum_gemma3.compiler.cpu import CpuBackend
 from optimum_gemma3.compiler.neuron import NeuronSdkMissingError
-from optimum_gemma3.exporters.artifacts import ArtifactError
-from optimum_gemma3.modeling import OpsProfile
+from optimum_gemma3.graphs import OpsProfile
 from tests.test_parity import NEW_TOKENS, hf_greedy, left_padded_batch
 from tests.tiny_models import load_reference, save_random_checkpoint
 
@@ -410,7 +410,7 @@ def test_profile_needing_unavailable_kernels_is_refused_at_load(exported):
         "import json, os\n"
         "os.environ['OPTIMUM_GEMMA3_DISABLE_KERNELS'] = '1'\n"
         "from optimum_gemma3 import Gemma3NeuronModelForCausalLM as M\n"
-        "from optimum_gemma3.exporters.artifacts import ArtifactError\n"
+        "from optimum_gemma3.artifact.files import ArtifactError\n"
         "try:\n"
         f"    M.from_pretrained({str(folder)!r})\n"
         "    print(json.dumps('loaded'))\n"

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from optimum_gemma3 import Gemma3NeuronModelForCausalLM
-from optimum_gemma3.exporters.cli import Gemma3NeuronExportCommand
+from optimum_gemma3.integration.cli import Gemma3NeuronExportCommand
 from tests.test_parity import NEW_TOKENS, hf_greedy, left_padded_batch
 from tests.tiny_models import load_reference
 

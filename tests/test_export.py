@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from optimum_gemma3.generation import greedy_generate
-from optimum_gemma3.modeling import DecodeGraph, PrefillGraph
+from optimum_gemma3.graphs import DecodeGraph, PrefillGraph
+from optimum_gemma3.runtime.loop import greedy_generate
 from tests.test_parity import build_decoder, left_padded_batch
 
 

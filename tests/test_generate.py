@@ -22,7 +22,7 @@ from transformers import (
 )
 
 from optimum_gemma3 import Gemma3NeuronModelForCausalLM
-from optimum_gemma3.head import HostHead
+from optimum_gemma3.runtime.head import HostHead
 from tests.test_artifacts import SHAPE, exported  # noqa: F401  (session fixture)
 from tests.test_parity import left_padded_batch
 from tests.tiny_models import load_reference, tiny_tokenizer

@@ -13,12 +13,12 @@ import torch
 from transformers import WatermarkingConfig
 from transformers.generation import CompileConfig, GenerateDecoderOnlyOutput
 
-from optimum_gemma3.generation_options import (
+from optimum_gemma3.integration.generation_options import (
     GENERATION_OPTIONS,
     Handling,
     generation_config_fields,
 )
-from optimum_gemma3.head import HostHead
+from optimum_gemma3.runtime.head import HostHead
 from tests.test_artifacts import exported  # noqa: F401  (session fixture)
 from tests.test_generate import both_generate, compiled  # noqa: F401  (module fixture)
 from tests.test_parity import left_padded_batch

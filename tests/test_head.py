@@ -22,7 +22,10 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
-from optimum_gemma3.generation import (
+from optimum_gemma3.graphs.layers import SKINNY_MAX_ROWS
+from optimum_gemma3.graphs.ops import OpsProfile
+from optimum_gemma3.runtime.head import HostHead
+from optimum_gemma3.runtime.loop import (
     MAX_SCREENED_TOP_K,
     NextTokenLogits,
     _step_scores,
@@ -30,9 +33,6 @@ from optimum_gemma3.generation import (
     first_argmax,
     screened_selection,
 )
-from optimum_gemma3.head import HostHead
-from optimum_gemma3.modeling.layers import SKINNY_MAX_ROWS
-from optimum_gemma3.modeling.ops import OpsProfile
 from tests.test_kernels import needs_kernels, skinny_linear
 
 

@@ -27,8 +27,8 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import reset_sessions
 
 from optimum_gemma3 import Gemma3NeuronModelForCausalLM
-from optimum_gemma3.exporters.artifacts import ArtifactError
-from optimum_gemma3.hub import hub_repo_id, model_card
+from optimum_gemma3.artifact.files import ArtifactError
+from optimum_gemma3.integration.hub import hub_repo_id, model_card
 from tests.test_artifacts import ARTIFACT_FILES, SHAPE
 from tests.test_parity import left_padded_batch
 

@@ -1,7 +1,7 @@
 """Routing through optimum-neuron's auto class: non-Gemma-3 models, and which Gemma-3 compiles.
 
 No Neuron SDK is installed or faked here. "A host with the SDK" is the SDK check in
-`optimum_gemma3.integration` monkeypatched to answer yes; "optimum-neuron ships its own
+`optimum_gemma3.integration.registry` monkeypatched to answer yes; "optimum-neuron ships its own
 Gemma-3" is a plain class put in optimum-neuron's model registry under the Gemma-3 keys
 before `register()` runs, as optimum-neuron's `auto_models` does on SDK hosts.
 """
@@ -20,9 +20,10 @@ from optimum.neuron.models.inference import modeling_utils
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import optimum_gemma3
-from optimum_gemma3 import Gemma3NeuronConfig, Gemma3NeuronModelForCausalLM, integration
+from optimum_gemma3 import Gemma3NeuronConfig, Gemma3NeuronModelForCausalLM
+from optimum_gemma3.artifact.files import NEURON_CONFIG_NAME
 from optimum_gemma3.constants import IMPLEMENTATION_ENV, MODEL_TYPES, REGISTRY_MODE, TASK
-from optimum_gemma3.exporters.artifacts import NEURON_CONFIG_NAME
+from optimum_gemma3.integration import registry as integration
 
 GEMMA3_KEYS = [(model_type, TASK, REGISTRY_MODE) for model_type in MODEL_TYPES]
 
@@ -256,7 +257,7 @@ def test_compiled_folder_loads_with_the_implementation_that_wrote_it(
 
 
 def test_compatibility_layer_assumptions_hold():
-    """Fails when an optimum-neuron release moves what integration.py wraps."""
+    """Fails when an optimum-neuron release moves what integration/registry.py wraps."""
     assert callable(auto_model.register_neuron_model)
     assert isinstance(auto_model._REGISTERED_NEURON_MODELS, dict)
     for key in GEMMA3_KEYS:
@@ -278,7 +279,7 @@ def test_compatibility_layer_assumptions_hold():
 
 def test_registering_twice_does_not_stack_wrappers():
     lookup = modeling_utils.get_neuron_model_class
-    importlib.reload(optimum_gemma3.integration)
-    optimum_gemma3.integration.register(Gemma3NeuronModelForCausalLM)
+    importlib.reload(optimum_gemma3.integration.registry)
+    optimum_gemma3.integration.registry.register(Gemma3NeuronModelForCausalLM)
     assert modeling_utils.get_neuron_model_class is lookup
     assert not getattr(lookup.__wrapped__, "_optimum_gemma3", False)

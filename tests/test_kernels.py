@@ -1,4 +1,4 @@
-"""The CPU kernels (`optimum_gemma3/modeling/kernels`) and where graphs call them."""
+"""The CPU kernels (`optimum_gemma3/graphs/kernels`) and where graphs call them."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from optimum_gemma3.modeling import DecodeGraph, PrefillGraph, kernels
-from optimum_gemma3.modeling.cache import decode_mask, filled_slots
-from optimum_gemma3.modeling.layers import (
+from optimum_gemma3.graphs import DecodeGraph, PrefillGraph, kernels
+from optimum_gemma3.graphs.cache import decode_mask, filled_slots
+from optimum_gemma3.graphs.layers import (
     gelu_tanh,
     grouped_attention,
     linear,
 )
-from optimum_gemma3.modeling.ops import PLAIN, OpsProfile
+from optimum_gemma3.graphs.ops import PLAIN, OpsProfile
 from tests.test_parity import build_decoder
 
 needs_kernels = pytest.mark.skipif(

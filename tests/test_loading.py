@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, Gemma3TextConfig, LlamaConfig
 
-from optimum_gemma3.modeling import FULL, SLIDING, Gemma3Decoder, text_config
-from optimum_gemma3.modeling.config import rope_frequencies
+from optimum_gemma3.graphs import FULL, SLIDING, Gemma3Decoder, text_config
+from optimum_gemma3.graphs.config import rope_frequencies
 from optimum_gemma3.weights import decoder_name, load_weights
 from tests.tiny_models import make_config
 

@@ -12,10 +12,11 @@ import pytest
 from torch._inductor import cpu_vec_isa
 
 from optimum_gemma3 import Gemma3NeuronConfig, Gemma3NeuronModelForCausalLM
+from optimum_gemma3.compiler import cache as compile_cache
+from optimum_gemma3.compiler import export
 from optimum_gemma3.compiler.cpu import CpuBackend
-from optimum_gemma3.exporters import compile_cache, export
-from optimum_gemma3.modeling import OpsProfile, kernels
-from optimum_gemma3.modeling.ops import PLAIN
+from optimum_gemma3.graphs import OpsProfile, kernels
+from optimum_gemma3.graphs.ops import PLAIN
 from tests.test_artifacts import SHAPE
 
 EVERY_FLAG = OpsProfile(
@@ -124,10 +125,10 @@ def test_cache_key_changes_with_a_graph_source(export_key, monkeypatch, tmp_path
 def test_graph_sources_cover_the_graphs_the_kernels_and_the_compilers(fresh_digest, monkeypatch):
     names = {f"{path.parent.name}/{path.name}" for path in compile_cache.graph_sources()}
     for name in [
-        "modeling/layers.py",
-        "modeling/decoder.py",
-        "modeling/program.py",
-        "modeling/ops.py",
+        "graphs/layers.py",
+        "graphs/decoder.py",
+        "graphs/program.py",
+        "graphs/ops.py",
         "kernels/skinny_linear.cpp",
         "kernels/row_products.h",
         "compiler/cpu.py",

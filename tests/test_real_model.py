@@ -93,8 +93,8 @@ def test_generation_is_sensible(real_270m, tokenizer):
     """The converted checkpoint behaves like the real model (eager graphs, quick)."""
     from transformers import AutoConfig
 
-    from optimum_gemma3.generation import greedy_generate
-    from optimum_gemma3.modeling import Gemma3Decoder
+    from optimum_gemma3.graphs import Gemma3Decoder
+    from optimum_gemma3.runtime.loop import greedy_generate
     from optimum_gemma3.weights import load_weights
 
     decoder = Gemma3Decoder(AutoConfig.from_pretrained(real_270m), 1, 64)

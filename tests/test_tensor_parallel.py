@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 from transformers import Gemma3TextConfig, StoppingCriteria, pipeline
 
 from optimum_gemma3 import Gemma3NeuronModelForCausalLM
-from optimum_gemma3.modeling.parallel import RANK_NAME, TensorParallelLayout, shard_state_dict
-from optimum_gemma3.ranks import TensorParallelError
+from optimum_gemma3.graphs.parallel import RANK_NAME, TensorParallelLayout, shard_state_dict
+from optimum_gemma3.runtime.pool import TensorParallelError
 from optimum_gemma3.weights import load_decoder_state_dict
 from tests.parallel_ranks import greedy_rank
 from tests.test_artifacts import run_in_new_process

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
+from ..constants import CPU_TARGETS, NEURON_TARGETS, TARGETS
 from .base import CompilerBackend, Program
-
-CPU_TARGETS = ("cpu",)
-NEURON_TARGETS = ("inf2", "trn1", "trn2")
-TARGETS = CPU_TARGETS + NEURON_TARGETS
 
 
 def backend_for_target(target: str) -> CompilerBackend:

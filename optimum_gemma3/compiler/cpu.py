@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch._inductor import cpu_vec_isa
 
-from ..modeling import kernels
+from ..graphs import kernels
 from .base import CompilerBackend, Program
 
 logger = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ only when `optimum.neuron.utils.is_neuronx_available()` is true, i.e. only when
 `torch_neuronx` is installed.
 
 - Host without the Neuron SDK: optimum-neuron registers no `export neuron`, so this module
-  registers `Gemma3NeuronExportCommand` (`optimum_gemma3/exporters/cli.py`) under that
+  registers `Gemma3NeuronExportCommand` (`optimum_gemma3/integration/cli.py`) under that
   name. It exports Gemma-3 only (`--instance_type cpu` compiles and runs here).
 - Host with the SDK: optimum-neuron's own `export neuron` is registered and this module
   registers nothing (a second `neuron` under `export` would make argparse abort every
@@ -20,7 +20,7 @@ only when `optimum.neuron.utils.is_neuronx_available()` is true, i.e. only when
   `--auto_cast_type`, `--instance_type`, output); any other model goes to optimum-neuron's
   `run()` unchanged, and so does Gemma-3 when `OPTIMUM_GEMMA3_IMPLEMENTATION=optimum-neuron`
   selects optimum-neuron's own Gemma-3 (its parser has no `--implementation` flag; see
-  `optimum_gemma3/integration.py`). Verified here only on a simulated SDK host (no SDK
+  `optimum_gemma3/integration/registry.py`). Verified here only on a simulated SDK host (no SDK
   module is faked: the test makes optimum-neuron's availability check say yes).
 - The same file seen twice (an installed copy plus a checkout on sys.path) is harmless:
   the command reuses its own parser instead of adding a second `neuron`.
@@ -67,7 +67,7 @@ def commands_to_register() -> list[tuple[type, type]]:
         route_gemma3_through_optimum_neuron_command()
         return []
     try:
-        from optimum_gemma3.exporters.cli import Gemma3NeuronExportCommand
+        from optimum_gemma3.integration.cli import Gemma3NeuronExportCommand
     except Exception as error:  # keep the rest of optimum-cli usable
         logger.warning(
             "optimum-gemma3 is installed but could not be imported (%s: %s): "
@@ -88,7 +88,7 @@ def route_gemma3_through_optimum_neuron_command() -> None:
         return
 
     def run(self) -> None:
-        from optimum_gemma3.exporters.cli import export_gemma3_if_supported
+        from optimum_gemma3.integration.cli import export_gemma3_if_supported
 
         if not export_gemma3_if_supported(self.args):
             original(self)

@@ -19,10 +19,10 @@ from optimum.neuron.models.inference.backend.config import NxDNeuronConfig
 from optimum.neuron.utils.version_utils import get_neuronxcc_version
 from optimum.neuron.version import __version__ as optimum_neuron_version
 
-from .. import __version__
-from ..compiler import NEURON_TARGETS, TARGETS
-from ..modeling.ops import OpsProfile
-from ..modeling.parallel import TensorParallelLayout
+from ..constants import NEURON_TARGETS, TARGETS
+from ..graphs.ops import OpsProfile
+from ..graphs.parallel import TensorParallelLayout
+from ..version import __version__
 
 SUPPORTED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "float": "float32"}
@@ -92,7 +92,7 @@ class Gemma3NeuronConfig(NxDNeuronConfig):
         # None for the weights (too large to hash on every load; safetensors checks them).
         self.artifact_files = artifact_files or {}
         # Whether the programs end at the final norm and the runtime runs the vocabulary
-        # head, computing only the logits a step needs (`optimum_gemma3.head`): the `cpu`
+        # head, computing only the logits a step needs (`optimum_gemma3.runtime.head`): the `cpu`
         # target with one rank. Elsewhere the head stays in the program, on the device.
         if head_on_host is None:
             head_on_host = self.target == "cpu" and self.tp_degree == 1

@@ -24,7 +24,7 @@ class OpsProfile:
     """The plain default (every flag off) is `F.linear`, `F.gelu` and transformers'
     eager attention: what Neuron graphs and eager runs use."""
 
-    skinny_linear: bool = False  # torch.ops.optimum_gemma3.skinny_linear (modeling/kernels)
+    skinny_linear: bool = False  # torch.ops.optimum_gemma3.skinny_linear (graphs/kernels)
     decode_attention: bool = False  # torch.ops.optimum_gemma3.decode_attention (same place)
     onednn: bool = False  # torch.ops.optimum_gemma3.dense: oneDNN, fp32, many rows
     # No bf16 matmul instructions: bf16 products of many rows (prefill projections,

@@ -16,9 +16,9 @@ import logging
 
 import torch
 
-from .generation import NextTokenLogits
-from .modeling.layers import SKINNY_MAX_ROWS, linear
-from .modeling.ops import OpsProfile
+from ..graphs.layers import SKINNY_MAX_ROWS, linear
+from ..graphs.ops import OpsProfile
+from .loop import NextTokenLogits
 
 logger = logging.getLogger(__name__)
 

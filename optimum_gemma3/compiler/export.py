@@ -22,13 +22,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig, GenerationConfig
 
-from ..compiler import CPU_TARGETS, backend_for_target
-from ..modeling import Gemma3Decoder, text_config
-from ..modeling.ops import OpsProfile
-from ..modeling.parallel import shard_state_dict, tracing_process_group
-from ..modeling.program import DECODE, PREFILL, GraphProgram, example_inputs
-from ..weights import check_tensors, load_decoder_state_dict
-from .artifacts import (
+from ..artifact.files import (
     TOKENIZER_FILES,
     decode_program_name,
     prefill_program_name,
@@ -36,8 +30,14 @@ from .artifacts import (
     weights_name,
     write_folder_atomically,
 )
-from .compile_cache import compile_cached, program_key
-from .neuron_config import Gemma3NeuronConfig
+from ..artifact.neuron_config import Gemma3NeuronConfig
+from ..graphs import Gemma3Decoder, text_config
+from ..graphs.ops import OpsProfile
+from ..graphs.parallel import shard_state_dict, tracing_process_group
+from ..graphs.program import DECODE, PREFILL, GraphProgram, example_inputs
+from ..weights import check_tensors, load_decoder_state_dict
+from . import CPU_TARGETS, backend_for_target
+from .cache import compile_cached, program_key
 
 logger = logging.getLogger(__name__)
 

@@ -45,9 +45,10 @@ from optimum.neuron.models.inference import modeling_utils
 from optimum.neuron.version import __version__ as optimum_neuron_version
 from transformers import AutoConfig
 
-from .compiler import CPU_TARGETS
-from .compiler.neuron import missing_sdk_packages
-from .constants import (
+from ..artifact.files import NEURON_CONFIG_NAME
+from ..compiler import CPU_TARGETS
+from ..compiler.neuron import missing_sdk_packages
+from ..constants import (
     IMPLEMENTATION_ENV,
     IMPLEMENTATIONS,
     MODEL_TYPES,
@@ -56,8 +57,7 @@ from .constants import (
     REGISTRY_MODE,
     TASK,
 )
-from .exporters.artifacts import NEURON_CONFIG_NAME
-from .modeling_neuron import target_for_instance_type
+from .modeling import target_for_instance_type
 
 logger = logging.getLogger(__name__)
 

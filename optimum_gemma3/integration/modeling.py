@@ -25,17 +25,17 @@ from transformers.generation import (
     StoppingCriteriaList,
 )
 
+from ..artifact.files import copy_tree_files, write_folder_atomically
+from ..artifact.neuron_config import Gemma3NeuronConfig
+from ..compiler import TARGETS
+from ..compiler.export import export_to_folder, resolve_checkpoint
+from ..compiler.neuron import missing_sdk_packages
+from ..constants import OPTIMUM_GEMMA3
+from ..graphs import text_config
+from ..runtime.engine import Gemma3Runtime
+from ..runtime.loop import decode_loop
 from . import hub
-from .compiler import TARGETS
-from .compiler.neuron import missing_sdk_packages
-from .constants import OPTIMUM_GEMMA3
-from .exporters.artifacts import copy_tree_files, write_folder_atomically
-from .exporters.export import export_to_folder, resolve_checkpoint
-from .exporters.neuron_config import Gemma3NeuronConfig
-from .generation import decode_loop
 from .generation_options import generation_config_fields, refusals
-from .modeling import text_config
-from .runtime import Gemma3Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +100,8 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
         """A validated export config for `model_name_or_path`, with automatic defaults.
 
         `implementation` is the auto class's choice between this class and optimum-neuron's
-        own Gemma-3 (`optimum_gemma3.integration`); this class compiles with optimum-gemma3,
-        so only that value (or None) is accepted here.
+        own Gemma-3 (`optimum_gemma3.integration.registry`); this class compiles with
+        optimum-gemma3, so only that value (or None) is accepted here.
         """
         if implementation not in (None, OPTIMUM_GEMMA3):
             raise ValueError(

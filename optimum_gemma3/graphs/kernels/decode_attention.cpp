@@ -9,7 +9,7 @@
 // `[0, lengths[b])`, straight from the cache in its own dtype.
 //
 // Exactness: a decode query may see exactly the cache slots `s <= position` (see
-// modeling/cache.py), i.e. the first `min(position + 1, length)` slots; the graph's
+// graphs/cache.py), i.e. the first `min(position + 1, length)` slots; the graph's
 // masked slots weigh exactly 0 after its softmax, so leaving them out changes nothing.
 // Scores, softmax and the weighted sum are fp32 (bf16 values widen exactly) and the
 // output is rounded once to the input dtype: the graph's math up to summation order.

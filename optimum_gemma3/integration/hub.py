@@ -38,9 +38,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from .compiler import backend_for_target
-from .constants import TASK
-from .exporters.artifacts import (
+from ..artifact.files import (
     NEURON_CONFIG_NAME,
     PROGRAMS_DIR,
     RANK_WEIGHTS_DIR,
@@ -48,10 +46,12 @@ from .exporters.artifacts import (
     ArtifactError,
     weights_name,
 )
-from .runtime import check_host_runs, check_versions, load_neuron_config
+from ..compiler import backend_for_target
+from ..constants import TASK
+from ..runtime.engine import check_host_runs, check_versions, load_neuron_config
 
 if TYPE_CHECKING:
-    from .exporters.neuron_config import Gemma3NeuronConfig
+    from ..artifact.neuron_config import Gemma3NeuronConfig
 
 MODEL_CARD_NAME = "README.md"
 # The card's library: users load these repos through optimum-neuron's auto class (after

@@ -22,9 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoConfig, Gemma3TextConfig
 
-from . import __version__
-from .compiler import CompilerBackend, backend_for_target
-from .exporters.artifacts import (
+from ..artifact.files import (
     NEURON_CONFIG_NAME,
     ArtifactError,
     decode_program_name,
@@ -32,13 +30,15 @@ from .exporters.artifacts import (
     verify_file,
     weights_name,
 )
-from .exporters.neuron_config import Gemma3NeuronConfig
-from .generation import NextTokenLogits, left_align
+from ..artifact.neuron_config import Gemma3NeuronConfig
+from ..compiler import CompilerBackend, backend_for_target
+from ..graphs import Gemma3Decoder, text_config
+from ..graphs.decoder import head_weight_name
+from ..graphs.program import cache_tensors, canonical
+from ..version import __version__
+from ..weights import check_tensors
 from .head import HostHead
-from .modeling import Gemma3Decoder, text_config
-from .modeling.decoder import head_weight_name
-from .modeling.program import cache_tensors, canonical
-from .weights import check_tensors
+from .loop import NextTokenLogits, left_align
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def _load_rank_weights(folder: Path, nc, text, skeleton, rank: int, token) -> di
             raise ArtifactError(f"{path} is not a readable safetensors file: {error}") from error
     else:
         # Exported with load_weights=False: the weights come from the source checkpoint.
-        from .exporters.export import rank_state_dicts, resolve_checkpoint
+        from ..compiler.export import rank_state_dicts, resolve_checkpoint
 
         path = resolve_checkpoint(nc.checkpoint_id, nc.checkpoint_revision, token)
         weights = rank_state_dicts(path, text, nc)[rank]
@@ -180,7 +180,7 @@ class Gemma3Runtime:
         if nc.tp_degree == 1:
             self.engine = RankEngine(folder, nc, text, token=token)
         else:
-            from .ranks import RankPool
+            from .pool import RankPool
 
             self.engine = RankPool(folder, nc, text.vocab_size, token)
         self.head = None

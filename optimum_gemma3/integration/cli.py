@@ -269,7 +269,7 @@ def export_from_args(args: argparse.Namespace) -> Path:
     """Resolve the config, compile and save: the whole command, without the error handling."""
     from transformers import AutoConfig
 
-    from ..integration import refuse_without_sdk
+    from .registry import refuse_without_sdk
 
     config = AutoConfig.from_pretrained(args.model, revision=args.revision, token=args.token)
     if config.model_type not in MODEL_TYPES:
@@ -288,7 +288,7 @@ def export_from_args(args: argparse.Namespace) -> Path:
 
 def _compiled_by_optimum_gemma3(args: argparse.Namespace, model_type: str) -> bool:
     """Whether this plugin compiles the Gemma-3 export (logs the choice where there is one)."""
-    from ..integration import choose_implementation
+    from .registry import choose_implementation
 
     chosen = choose_implementation(model_type, args.instance_type, args.implementation)
     return chosen == OPTIMUM_GEMMA3
@@ -296,7 +296,7 @@ def _compiled_by_optimum_gemma3(args: argparse.Namespace, model_type: str) -> bo
 
 def _export(args: argparse.Namespace, config) -> Path:
     """Compile the Gemma-3 checkpoint `args.model` and save it to `args.output`."""
-    from ..modeling_neuron import Gemma3NeuronModelForCausalLM
+    from .modeling import Gemma3NeuronModelForCausalLM
 
     _check_output(Path(args.output), args.model)
 
@@ -352,7 +352,7 @@ def _check_output(output: Path, model: str) -> None:
     `save_pretrained` replaces the output folder whole, which is right for a previous
     export but would delete a checkpoint or an unrelated folder given by mistake.
     """
-    from .artifacts import NEURON_CONFIG_NAME
+    from ..artifact.files import NEURON_CONFIG_NAME
 
     output = output.resolve()
     source = Path(model)
@@ -375,8 +375,8 @@ def _check_output(output: Path, model: str) -> None:
 def _user_errors_exit() -> Iterator[None]:
     """End the process with one `error:` line for errors that describe bad input or
     environment; anything else (a bug) keeps its traceback."""
+    from ..artifact.files import ArtifactError
     from ..compiler.neuron import NeuronSdkMissingError
-    from .artifacts import ArtifactError
 
     user_errors = (CliError, ValueError, OSError, ArtifactError, NeuronSdkMissingError)
     try:
@@ -397,7 +397,7 @@ def _progress_logs() -> Iterator[None]:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     package = logging.getLogger("optimum_gemma3")
-    cache = logging.getLogger("optimum_gemma3.exporters.compile_cache")
+    cache = logging.getLogger("optimum_gemma3.compiler.cache")
     levels = package.level, cache.level
     package.setLevel(logging.INFO)
     cache.setLevel(logging.WARNING)

@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .. import compiler, modeling
+from .. import compiler, graphs
 from ..paths import cache_root
 
 logger = logging.getLogger(__name__)
@@ -58,14 +58,19 @@ def cache_dir() -> Path | None:
     return cache_root() / "compiled"
 
 
+# The compiler package's backend modules; this cache and the exporter (which records
+# everything else that shapes a program in the key) are left out.
+BACKEND_SOURCES = ("__init__.py", "base.py", "cpu.py", "neuron.py")
+
+
 def graph_sources() -> list[Path]:
     """The files whose content decides what a compiled program computes: the graphs and
-    the layers they call (the `modeling` package, its C++ kernels included) and the
+    the layers they call (the `graphs` package, its C++ kernels included) and the
     compiler backends (how they trace and compile)."""
-    files = []
-    for package in (modeling, compiler):
-        root = Path(package.__file__).parent
-        files += [path for path in root.rglob("*") if path.suffix in (".py", ".cpp", ".h")]
+    graph_root = Path(graphs.__file__).parent
+    files = [path for path in graph_root.rglob("*") if path.suffix in (".py", ".cpp", ".h")]
+    backend_root = Path(compiler.__file__).parent
+    files += [backend_root / name for name in BACKEND_SOURCES]
     return sorted(files)
 
 
