@@ -25,13 +25,13 @@ from transformers.generation import (
 from optimum_gemma3.graphs.layers import SKINNY_MAX_ROWS
 from optimum_gemma3.graphs.ops import OpsProfile
 from optimum_gemma3.runtime.head import HostHead
-from optimum_gemma3.runtime.loop import (
+from optimum_gemma3.runtime.logits import NextTokenLogits
+from optimum_gemma3.runtime.loop import decode_loop
+from optimum_gemma3.runtime.selection import (
     MAX_SCREENED_TOP_K,
-    NextTokenLogits,
-    _step_scores,
-    decode_loop,
     first_argmax,
     screened_selection,
+    step_scores,
 )
 from tests.test_kernels import needs_kernels, skinny_linear
 
@@ -262,8 +262,8 @@ def test_screened_steps_give_the_scores_every_logit_gives(dtype, processors):
         lambda: calls.append("full") or head.logits(hidden),
         lambda k: calls.append("near_top") or head.screened(hidden, k),
     )
-    _, screened = _step_scores(step, sequences, processors, screen)
-    _, every = _step_scores(NextTokenLogits.of(head.logits(hidden)), sequences, processors, None)
+    _, screened = step_scores(step, sequences, processors, screen)
+    _, every = step_scores(NextTokenLogits.of(head.logits(hidden)), sequences, processors, None)
     assert calls == ["near_top"]
     if not do_sample:
         assert torch.equal(screened.argmax(-1), every.argmax(-1))
@@ -284,7 +284,7 @@ def test_top_k_beyond_the_vocabulary_keeps_every_token():
     processors = LogitsProcessorList([TopKLogitsWarper(50)])
     screen = screened_selection(processors, None, do_sample=True)
     step = head.next_token_logits(hidden)
-    _, scores = _step_scores(step, torch.zeros(2, 1, dtype=torch.long), processors, screen)
+    _, scores = step_scores(step, torch.zeros(2, 1, dtype=torch.long), processors, screen)
     assert torch.equal(scores, head.logits(hidden))
 
 

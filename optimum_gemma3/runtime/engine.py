@@ -38,7 +38,8 @@ from ..graphs.program import cache_tensors, canonical
 from ..version import __version__
 from ..weights import check_tensors
 from .head import HostHead
-from .loop import NextTokenLogits, left_align
+from .logits import NextTokenLogits
+from .loop import left_align
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import torch
 
 from ..graphs.layers import SKINNY_MAX_ROWS, linear
 from ..graphs.ops import OpsProfile
-from .loop import NextTokenLogits
+from .logits import NextTokenLogits
 
 logger = logging.getLogger(__name__)
 
