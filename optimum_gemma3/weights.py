@@ -17,7 +17,11 @@ import os
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
 from safetensors import safe_open
+
+from .graphs import Gemma3Decoder
+from .graphs.parallel import shard_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +36,7 @@ SKIPPED_PREFIXES = (
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
 
 
 def safetensors_files(model_dir: str | os.PathLike) -> list[Path]:
@@ -105,3 +110,29 @@ def load_weights(decoder: torch.nn.Module, model_dir: str | os.PathLike) -> None
     )
     check_tensors(state_dict, decoder, model_dir)
     decoder.load_state_dict(state_dict)
+
+
+def resolve_checkpoint(
+    model_id: str | Path, revision: str | None = None, token: str | bool | None = None
+) -> Path:
+    """A local folder as is; a Hub id through the HF cache (safetensors and configs only)."""
+    if Path(model_id).is_dir():
+        return Path(model_id)
+    return Path(
+        snapshot_download(
+            str(model_id), revision=revision, token=token, allow_patterns=CHECKPOINT_PATTERNS
+        )
+    )
+
+
+def rank_state_dicts(checkpoint: Path, text, neuron_config) -> list[dict[str, torch.Tensor]]:
+    """The checkpoint's decoder tensors in the export dtype, split into one dict per rank."""
+    tp_degree = neuron_config.tp_degree
+    state_dict = load_decoder_state_dict(
+        checkpoint, neuron_config.torch_dtype, tied=text.tie_word_embeddings
+    )
+    skeleton = Gemma3Decoder.skeleton(text, 1, 1, neuron_config.torch_dtype)
+    check_tensors(state_dict, skeleton, checkpoint)
+    if tp_degree == 1:
+        return [{k: v.contiguous() for k, v in state_dict.items()}]
+    return shard_state_dict(state_dict, text, tp_degree)

@@ -16,8 +16,6 @@ import logging
 import shutil
 from pathlib import Path
 
-import torch
-from huggingface_hub import snapshot_download
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig, GenerationConfig
@@ -33,28 +31,13 @@ from ..artifact.files import (
 from ..artifact.neuron_config import Gemma3NeuronConfig
 from ..graphs import Gemma3Decoder, text_config
 from ..graphs.ops import OpsProfile
-from ..graphs.parallel import shard_state_dict, tracing_process_group
+from ..graphs.parallel import tracing_process_group
 from ..graphs.program import DECODE, PREFILL, GraphProgram, example_inputs
-from ..weights import check_tensors, load_decoder_state_dict
+from ..weights import rank_state_dicts, resolve_checkpoint
 from . import CPU_TARGETS, backend_for_target
 from .cache import compile_cached, program_key
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
-
-
-def resolve_checkpoint(
-    model_id: str | Path, revision: str | None = None, token: str | bool | None = None
-) -> Path:
-    """A local folder as is; a Hub id through the HF cache (safetensors and configs only)."""
-    if Path(model_id).is_dir():
-        return Path(model_id)
-    return Path(
-        snapshot_download(
-            str(model_id), revision=revision, token=token, allow_patterns=CHECKPOINT_PATTERNS
-        )
-    )
 
 
 def ops_profile_for(target: str) -> OpsProfile:
@@ -154,19 +137,6 @@ def _write_weights(checkpoint: Path, text, neuron_config, folder: Path) -> list[
         save_file(shard, folder / name, metadata={"format": "pt"})
         names.append(name)
     return names
-
-
-def rank_state_dicts(checkpoint: Path, text, neuron_config) -> list[dict[str, torch.Tensor]]:
-    """The checkpoint's decoder tensors in the export dtype, split into one dict per rank."""
-    tp_degree = neuron_config.tp_degree
-    state_dict = load_decoder_state_dict(
-        checkpoint, neuron_config.torch_dtype, tied=text.tie_word_embeddings
-    )
-    skeleton = Gemma3Decoder.skeleton(text, 1, 1, neuron_config.torch_dtype)
-    check_tensors(state_dict, skeleton, checkpoint)
-    if tp_degree == 1:
-        return [{k: v.contiguous() for k, v in state_dict.items()}]
-    return shard_state_dict(state_dict, text, tp_degree)
 
 
 def _copy_generation_files(checkpoint: Path, folder: Path) -> None:

@@ -38,6 +38,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
+from ..artifact.checks import check_host_runs, check_versions, load_neuron_config
 from ..artifact.files import (
     NEURON_CONFIG_NAME,
     PROGRAMS_DIR,
@@ -48,7 +49,6 @@ from ..artifact.files import (
 )
 from ..compiler import backend_for_target
 from ..constants import TASK
-from ..runtime.engine import check_host_runs, check_versions, load_neuron_config
 
 if TYPE_CHECKING:
     from ..artifact.neuron_config import Gemma3NeuronConfig
@@ -298,7 +298,7 @@ def _check_compatible(folder: Path, repo_id: str) -> None:
         neuron_config = load_neuron_config(folder)
         backend = backend_for_target(neuron_config.target)
         check_versions(neuron_config, backend.versions(), folder)
-        check_host_runs(neuron_config, backend, folder)
+        check_host_runs(neuron_config, backend.runs_program_isa, folder)
     except ArtifactError as error:
         raise ArtifactError(f"Hub repo {repo_id!r} cannot be loaded here: {error}") from error
 

@@ -28,12 +28,13 @@ from transformers.generation import (
 from ..artifact.files import copy_tree_files, write_folder_atomically
 from ..artifact.neuron_config import Gemma3NeuronConfig
 from ..compiler import TARGETS
-from ..compiler.export import export_to_folder, resolve_checkpoint
+from ..compiler.export import export_to_folder
 from ..compiler.neuron import missing_sdk_packages
 from ..constants import OPTIMUM_GEMMA3
 from ..graphs import text_config
 from ..runtime.engine import Gemma3Runtime
 from ..runtime.loop import decode_loop
+from ..weights import resolve_checkpoint
 from . import hub
 from .generation_options import generation_config_fields, refusals
 

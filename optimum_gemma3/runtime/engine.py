@@ -18,144 +18,19 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-from transformers import AutoConfig, Gemma3TextConfig
+from transformers import AutoConfig
 
-from ..artifact.files import (
-    NEURON_CONFIG_NAME,
-    ArtifactError,
-    decode_program_name,
-    prefill_program_name,
-    verify_file,
-    weights_name,
-)
-from ..artifact.neuron_config import Gemma3NeuronConfig
-from ..compiler import CompilerBackend, backend_for_target
-from ..graphs import Gemma3Decoder, text_config
+from ..artifact.checks import check_host_runs, check_versions, load_neuron_config
+from ..compiler import backend_for_target
+from ..graphs import text_config
 from ..graphs.decoder import head_weight_name
-from ..graphs.program import cache_tensors, canonical
-from ..version import __version__
-from ..weights import check_tensors
 from .head import HostHead
 from .logits import NextTokenLogits
 from .loop import left_align
+from .pool import RankPool
+from .rank import RankEngine
 
 logger = logging.getLogger(__name__)
-
-
-def load_neuron_config(folder: Path) -> Gemma3NeuronConfig:
-    """Read `neuron_config.json`, turning every failure into an error that names the file."""
-    path = verify_file(folder, NEURON_CONFIG_NAME)
-    try:
-        config = Gemma3NeuronConfig.from_pretrained(folder)
-    except (ValueError, RuntimeError, OSError, TypeError, AssertionError) as error:
-        raise ArtifactError(f"{path} cannot be used: {error}") from error
-    if not isinstance(config, Gemma3NeuronConfig):
-        raise ArtifactError(f"{path} was not written by optimum-gemma3.")
-    return config
-
-
-def check_versions(neuron_config: Gemma3NeuronConfig, versions: dict[str, str], path: Path):
-    """Refuse an artifact compiled by another library, torch or compiler version."""
-    here = {
-        "optimum_gemma3_version": __version__,
-        "torch_version": torch.__version__,
-        "compiler": versions["compiler"],
-        "compiler_version": versions["compiler_version"],
-    }
-    for field, current in here.items():
-        recorded = getattr(neuron_config, field)
-        if recorded != current:
-            raise ArtifactError(
-                f"{path / NEURON_CONFIG_NAME} records {field}={recorded!r} but this host has "
-                f"{current!r}: compiled programs are tied to the versions that built them. "
-                "Re-export the model here, or install the recorded versions."
-            )
-
-
-def check_host_runs(
-    neuron_config: Gemma3NeuronConfig, backend: CompilerBackend, path: Path
-) -> None:
-    """Refuse, at load rather than at the first call, programs this host cannot run."""
-    isa = neuron_config.program_isa
-    if isa and not backend.runs_program_isa(isa):
-        raise ArtifactError(
-            f"{path / NEURON_CONFIG_NAME} records program_isa={isa!r}: its programs were "
-            "compiled for CPUs with these instructions, and this CPU lacks them. Re-export "
-            "the model on this host (or export with ATEN_CPU_CAPABILITY=avx2 for programs "
-            "every AVX2 CPU runs)."
-        )
-    missing = neuron_config.ops_profile.missing_on_host()
-    if missing is not None:
-        raise ArtifactError(
-            f"{path / NEURON_CONFIG_NAME} records ops_profile="
-            f"{neuron_config.ops_profile.to_dict()}: {missing}. Re-export the model on this "
-            "host (its programs then use the forms this host has), or load it on a host "
-            "where the kernels load."
-        )
-
-
-class RankEngine:
-    """One rank's programs, weights and KV caches: runs already padded, bucket-sized inputs.
-
-    With one rank this is the whole model; with `tp_degree > 1` each rank process of a
-    `RankPool` holds one, and the programs' collectives connect them.
-    """
-
-    def __init__(
-        self,
-        folder: Path,
-        nc: Gemma3NeuronConfig,
-        text: Gemma3TextConfig,
-        rank: int = 0,
-        token: str | bool | None = None,
-    ):
-        backend = backend_for_target(nc.target)
-
-        def program(name: str):
-            return backend.load(verify_file(folder, name, nc.artifact_files.get(name)))
-
-        suffix = backend.program_suffix
-        buckets = nc.context_encoding_buckets
-        self.prefill_programs = {b: program(prefill_program_name(b, suffix)) for b in buckets}
-        self.decode_program = program(decode_program_name(suffix))
-        skeleton = Gemma3Decoder.skeleton(
-            text, nc.batch_size, nc.sequence_length, nc.torch_dtype, nc.tp_degree
-        )
-        self.weights = canonical(_load_rank_weights(folder, nc, text, skeleton, rank, token))
-        self.caches = {name: torch.zeros_like(t) for name, t in cache_tensors(skeleton).items()}
-
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.prefill_programs[ids.shape[1]](self.weights, self.caches, ids, mask)
-
-    def decode(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.decode_program(self.weights, self.caches, ids, positions)
-
-    def close(self) -> None:
-        """Nothing to stop: the programs and tensors go with the object."""
-
-
-def _load_rank_weights(folder: Path, nc, text, skeleton, rank: int, token) -> dict:
-    """Rank `rank`'s weights from the folder, or sharded from `checkpoint_id` (no weights)."""
-    name = weights_name(rank, nc.tp_degree)
-    if name in nc.artifact_files:
-        path = verify_file(folder, name)
-        try:
-            weights = load_file(path)
-        except (SafetensorError, OSError) as error:
-            raise ArtifactError(f"{path} is not a readable safetensors file: {error}") from error
-    else:
-        # Exported with load_weights=False: the weights come from the source checkpoint.
-        from ..compiler.export import rank_state_dicts, resolve_checkpoint
-
-        path = resolve_checkpoint(nc.checkpoint_id, nc.checkpoint_revision, token)
-        weights = rank_state_dicts(path, text, nc)[rank]
-    try:
-        check_tensors(weights, skeleton, path)
-    except ValueError as error:
-        raise ArtifactError(str(error)) from error
-    return weights
 
 
 class Gemma3Runtime:
@@ -174,15 +49,13 @@ class Gemma3Runtime:
         self.config = AutoConfig.from_pretrained(folder)
         backend = backend_for_target(nc.target)
         check_versions(nc, backend.versions(), folder)
-        check_host_runs(nc, backend, folder)
+        check_host_runs(nc, backend.runs_program_isa, folder)
         self.buckets = list(nc.context_encoding_buckets)
         self.pad_token_id = self.config.get_text_config().pad_token_id or 0
         text = text_config(self.config)
         if nc.tp_degree == 1:
             self.engine = RankEngine(folder, nc, text, token=token)
         else:
-            from .pool import RankPool
-
             self.engine = RankPool(folder, nc, text.vocab_size, token)
         self.head = None
         if nc.head_on_host:

@@ -46,8 +46,9 @@ def _rank_main(rank: int, degree: int, folder: str, token, store: str, conn, log
     """A rank process: join the group, load this rank's engine, serve commands until told."""
     from transformers import AutoConfig
 
+    from ..artifact.checks import load_neuron_config
     from ..graphs import text_config
-    from .engine import RankEngine, load_neuron_config
+    from .rank import RankEngine
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // degree))
     try:
