@@ -1,4 +1,5 @@
-"""Compiler backends: `cpu` (PyTorch AOTInductor) and `neuron` (AWS Neuron SDK)."""
+"""Compiler backends, `cpu` (PyTorch AOTInductor) and `neuron` (AWS Neuron SDK), the compile
+cache that keys their programs (`cache`) and the exporter that writes a folder (`export`)."""
 
 from __future__ import annotations
 
