@@ -181,6 +181,33 @@ class StopAfterToken(StoppingCriteria):
         return input_ids[:, -1] == self.token
 
 
+class RecordsScores(StoppingCriteria):
+    """Records what each call gets as `scores`: None, or the number of kept steps."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.seen.append(None if scores is None else [tuple(s.shape) for s in scores])
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+@pytest.mark.parametrize("output_scores", [False, True])
+def test_stopping_criteria_get_the_scores_transformers_passes(compiled, output_scores):
+    ids, mask = left_padded_batch(520, seed=17)
+    ours, theirs = RecordsScores(), RecordsScores()
+    _, model, reference = compiled
+    options = dict(
+        max_new_tokens=4, pad_token_id=0, return_dict_in_generate=True, output_scores=output_scores
+    )
+    model.generate(ids, attention_mask=mask, stopping_criteria=[ours], **options)
+    with torch.inference_mode():
+        reference.generate(
+            input_ids=ids, attention_mask=mask, stopping_criteria=[theirs], **options
+        )
+    assert ours.seen == theirs.seen and len(ours.seen) == 4
+
+
 def test_stopping_criteria_and_stop_strings(compiled, real_270m):
     ids, mask = left_padded_batch(520, seed=16)
     free, _ = both_generate(compiled, ids, mask, max_new_tokens=30)

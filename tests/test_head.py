@@ -255,7 +255,7 @@ def test_screened_steps_give_the_scores_every_logit_gives(dtype, processors):
     sequences = torch.zeros(4, 1, dtype=torch.long)
     do_sample = any(isinstance(p, TopKLogitsWarper) for p in processors)
     processors = LogitsProcessorList(processors)
-    screen = screened_selection(processors, None, do_sample)
+    screen = screened_selection(processors, do_sample)
     assert screen is not None
     calls = []
     step = NextTokenLogits(
@@ -282,7 +282,7 @@ def test_top_k_beyond_the_vocabulary_keeps_every_token():
     head = HostHead(torch.randn(30, 64), OpsProfile.for_host())
     hidden = torch.randn(2, 64)
     processors = LogitsProcessorList([TopKLogitsWarper(50)])
-    screen = screened_selection(processors, None, do_sample=True)
+    screen = screened_selection(processors, do_sample=True)
     step = head.next_token_logits(hidden)
     _, scores = step_scores(step, torch.zeros(2, 1, dtype=torch.long), processors, screen)
     assert torch.equal(scores, head.logits(hidden))
@@ -365,14 +365,20 @@ def test_first_argmax_is_torch_argmax(width):
 
 class ReadsScores(StoppingCriteria):
     def __call__(self, input_ids, scores, **kwargs):
+        assert scores is None  # transformers passes scores only when it keeps them
         return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+def test_stopping_criteria_do_not_force_every_logit():
+    calls = []
+    first_token(calls, stopping_criteria=StoppingCriteriaList([ReadsScores()]))
+    assert calls == ["near_top(1)"]
 
 
 @pytest.mark.parametrize(
     "kwargs",
     [
         dict(logits_processor=LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.3)])),
-        dict(stopping_criteria=StoppingCriteriaList([ReadsScores()])),
         dict(output_logits=True),
         dict(do_sample=True),
         dict(do_sample=True, logits_processor=LogitsProcessorList([TopPLogitsWarper(0.9)])),
@@ -395,7 +401,6 @@ class ReadsScores(StoppingCriteria):
     ],
     ids=[
         "value-changing processor",
-        "criterion reading scores",
         "output_logits",
         "sampling without processors",
         "top-p without top-k",

@@ -70,7 +70,7 @@ def decode_loop(
     pad_token_id: int = 0,
     eos_token_id: int | Sequence[int] | None = None,
     logits_processor: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    stopping_criteria: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    stopping_criteria: Callable[[torch.Tensor, tuple | None], torch.Tensor] | None = None,
     do_sample: bool = False,
     streamer=None,
     prompt_length: int | None = None,
@@ -83,7 +83,9 @@ def decode_loop(
     Per step: fp32 logits -> `logits_processor(ids, scores)` -> argmax (lowest id on ties)
     or `multinomial(softmax(scores))` with torch's global RNG, exactly as transformers
     draws; finished rows continue with `pad_token_id`; `stopping_criteria(ids, scores)`
-    marks rows done (EOS, max length, stop strings); the loop ends when all are done.
+    marks rows done (EOS, max length, stop strings; `scores` as transformers passes it:
+    every step's scores so far with `output_scores`, else None); the loop ends when all
+    are done.
     `prompt_length` pads prompts on the left to a prefill bucket; `forced_tokens` ([B, N])
     teacher-forces the continuation (the logits stay the model's). The raw logits of every
     step (`[B, V]` each: 1 MB per row in fp32) are kept only with `output_logits`, the
@@ -104,7 +106,7 @@ def decode_loop(
     screen = (
         None
         if output_logits or output_scores or forced_tokens is not None
-        else screened_selection(logits_processor, stopping_criteria, do_sample)
+        else screened_selection(logits_processor, do_sample)
     )
     all_logits, all_scores = [], []
     next_logits = prefill(ids, mask)
@@ -126,7 +128,9 @@ def decode_loop(
             streamer.put(token.cpu())
         unfinished &= ~torch.isin(token, eos)
         if stopping_criteria is not None:
-            unfinished &= ~stopping_criteria(sequences, scores)
+            # What transformers' loop passes: every step's scores when it keeps them, else None.
+            kept = tuple(all_scores) if output_scores else None
+            unfinished &= ~stopping_criteria(sequences, kept)
         if not unfinished.any() or step == max_new_tokens - 1:
             break
         next_logits = decode(token[:, None], positions)

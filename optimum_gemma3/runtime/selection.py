@@ -13,13 +13,9 @@ from dataclasses import dataclass
 
 import torch
 from transformers.generation import (
-    EosTokenCriteria,
-    MaxLengthCriteria,
-    MaxTimeCriteria,
     MinLengthLogitsProcessor,
     MinNewTokensLengthLogitsProcessor,
     NoRepeatNGramLogitsProcessor,
-    StopStringCriteria,
     SuppressTokensAtBeginLogitsProcessor,
     SuppressTokensLogitsProcessor,
     TemperatureLogitsWarper,
@@ -38,8 +34,6 @@ MASKING_PROCESSORS = (
     SuppressTokensAtBeginLogitsProcessor,
     NoRepeatNGramLogitsProcessor,
 )
-# Stopping criteria that never read the scores they are given.
-SCORE_BLIND_CRITERIA = (MaxLengthCriteria, MaxTimeCriteria, EosTokenCriteria, StopStringCriteria)
 # Temperatures a screened step divides by: every token `near_top` leaves out is below its
 # floor by a relative margin of at least 2^-20 (see screened_linear.cpp), which fp32
 # division (relative error 2^-24) keeps, as long as the quotients stay far from fp32's
@@ -68,16 +62,13 @@ class ScreenedSelection:
     after: list
 
 
-def screened_selection(
-    logits_processor, stopping_criteria, do_sample: bool
-) -> ScreenedSelection | None:
+def screened_selection(logits_processor, do_sample: bool) -> ScreenedSelection | None:
     """The screened form of greedy selection (k = 1) or of top-k sampling with these
-    processors and criteria, or None where a step needs every logit: a processor before
-    top-k that changes values or order (repetition penalty, ...), sampling without top-k,
-    a criterion that reads scores. Types match exactly: a subclass may read or change more.
+    processors, or None where a step needs every logit: a processor before top-k that
+    changes values or order (repetition penalty, ...), sampling without top-k. Types match
+    exactly: a subclass may change more. Stopping criteria do not matter: as in
+    transformers, they see scores only when every step's scores are kept anyway.
     """
-    if not all(type(c) in SCORE_BLIND_CRITERIA for c in _members(stopping_criteria)):
-        return None
     processors = _members(logits_processor)
     split = next((i for i, p in enumerate(processors) if not _keeps_order(p)), len(processors))
     before, after = processors[:split], processors[split:]
@@ -95,13 +86,13 @@ def _keeps_order(processor) -> bool:
     return type(processor) in MASKING_PROCESSORS
 
 
-def _members(processors_or_criteria) -> list:
+def _members(processors) -> list:
     """The members of a transformers list; a bare callable is its own (unknown) member."""
-    if processors_or_criteria is None:
+    if processors is None:
         return []
-    if isinstance(processors_or_criteria, list):
-        return processors_or_criteria
-    return [processors_or_criteria]
+    if isinstance(processors, list):
+        return processors
+    return [processors]
 
 
 def step_scores(
