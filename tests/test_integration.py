@@ -64,10 +64,11 @@ def other_model_calls(llama_checkpoint, llama_compiled):
         ),
         "load compiled": lambda: NeuronModelForCausalLM.from_pretrained(llama_compiled),
         "lookup": lambda: NeuronModelForCausalLM._get_neuron_model_class(config),
+        "export classmethod": lambda: NeuronModelForCausalLM.export(llama_checkpoint, None),
     }
 
 
-CALLS = ["export", "get_neuron_config", "load compiled", "lookup"]
+CALLS = ["export", "get_neuron_config", "load compiled", "lookup", "export classmethod"]
 
 
 @pytest.mark.parametrize("call", CALLS)
@@ -283,3 +284,16 @@ def test_registering_twice_does_not_stack_wrappers():
     optimum_gemma3.integration.registry.register(Gemma3NeuronModelForCausalLM)
     assert modeling_utils.get_neuron_model_class is lookup
     assert not getattr(lookup.__wrapped__, "_optimum_gemma3", False)
+
+
+def test_the_auto_class_export_classmethod_compiles_gemma3(tiny_checkpoints):
+    """optimum-neuron's two-step export: `get_neuron_config`, then `export`, both on the
+    auto class, reach this package's class (the same shape as test_artifacts' export, so
+    the compile cache serves it)."""
+    from tests.test_artifacts import SHAPE
+
+    source = tiny_checkpoints("4b")
+    neuron_config = NeuronModelForCausalLM.get_neuron_config(source, instance_type="cpu", **SHAPE)
+    model = NeuronModelForCausalLM.export(source, neuron_config, load_weights=True)
+    assert isinstance(model, Gemma3NeuronModelForCausalLM)
+    assert model.neuron_config.batch_size == SHAPE["batch_size"]
