@@ -1,8 +1,11 @@
-"""Where this package keeps what it builds on a machine."""
+"""Where this package keeps what it builds on a machine, and how it writes a file."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -11,3 +14,24 @@ def cache_root() -> Path:
     (`compiler/cache.py`) and CPU kernels (`graphs/kernels`) live below it."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "optimum-gemma3"
+
+
+@contextlib.contextmanager
+def replaced_atomically(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; when the block ends without error, rename it
+    onto `path` in one step, else remove it.
+
+    Why: a reader (another process, or this one after a crash) sees the old file or the
+    whole new one, never a truncated one; the rename is atomic because both names are in
+    one folder, on one filesystem.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
+    os.close(fd)
+    try:
+        yield Path(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)

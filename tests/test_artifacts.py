@@ -87,7 +87,7 @@ def test_artifact_folder_layout(exported):
     assert recorded["torch_version"] == torch.__version__
     assert recorded["compiler"] == "torch-aotinductor"
     programs = {n for n in names if n.startswith("compiled/")}
-    assert set(recorded["artifact_files"]) == programs | {"model.safetensors"}
+    assert set(recorded["artifact_files"]) == names - {"neuron_config.json"}  # the manifest
     assert recorded["artifact_files"]["model.safetensors"] is None  # checked by safetensors
     # Programs hold no weights: AOTInductor packages hold code and metadata only.
     for name in programs:
@@ -345,7 +345,7 @@ def export_and_kill(source: Path, destination: Path, cache: Path, tmp: Path) -> 
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 120
-    while not list(tmp.glob("optimum-gemma3-export-*/.tmp-model-*/compiled")):
+    while not list(tmp.glob("optimum-gemma3-export-*/model/.optimum-gemma3-save-*/compiled")):
         assert process.poll() is None, "export finished before it could be interrupted"
         assert time.monotonic() < deadline
         time.sleep(0.2)
@@ -368,7 +368,7 @@ def test_killed_export_leaves_nothing_loadable(tiny_checkpoints, exported, tmp_p
     export_and_kill(source, destination, tmp_path / "cache", tmp_path / "tmp")
     assert sorted(p.name for p in destination.rglob("*")) == before
     Gemma3NeuronModelForCausalLM.from_pretrained(destination)
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-out")]
+    assert not list(destination.glob(".optimum-gemma3-save-*"))
 
 
 def test_config_class_round_trips(exported):

@@ -179,13 +179,15 @@ def test_push_replaces_stale_artifacts_and_reuses_a_saved_folder(
     local_hub.create_repo(f"{local_hub.user}/tiny", files=stale)
     folder = model.save_pretrained(tmp_path / "saved")
     weights_inode = (folder / "model.safetensors").stat().st_ino
+    (folder / "notes.txt").write_text("the user's, never uploaded")
 
     # A bare name lands in the token owner's namespace.
     url = model.push_to_hub(folder, "tiny", token=local_hub.token)
     assert url.startswith(f"{local_hub.endpoint}/testuser/tiny/commit/")
     assert (folder / "model.safetensors").stat().st_ino == weights_inode  # not re-copied
     files = set(list_repo_files("testuser/tiny"))
-    assert "compiled/prefill_999.pt2" not in files
+    assert "compiled/prefill_999.pt2" not in files and "notes.txt" not in files
+    assert (folder / "notes.txt").is_file()
     assert {"LICENSE", "README.md"} | ARTIFACT_FILES <= files
     assert local_hub.unhandled == []
 

@@ -13,12 +13,18 @@ from pathlib import Path
 import torch
 
 from ..version import __version__
-from .files import NEURON_CONFIG_NAME, ArtifactError, verify_file
+from .files import NEURON_CONFIG_NAME, ArtifactError, looks_like_unfinished_save, verify_file
 from .neuron_config import Gemma3NeuronConfig
 
 
 def load_neuron_config(folder: Path) -> Gemma3NeuronConfig:
     """Read `neuron_config.json`, turning every failure into an error that names the file."""
+    if looks_like_unfinished_save(folder):
+        raise ArtifactError(
+            f"{folder} holds an unfinished save (it was interrupted: {NEURON_CONFIG_NAME} is "
+            "missing while programs or a staging folder are there). Save or export the model "
+            "into it again, or load it from where it came from."
+        )
     path = verify_file(folder, NEURON_CONFIG_NAME)
     try:
         config = Gemma3NeuronConfig.from_pretrained(folder)

@@ -18,12 +18,11 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from .. import compiler, graphs
-from ..paths import cache_root
+from ..paths import cache_root, replaced_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -120,13 +119,6 @@ def compile_cached(
         shutil.copyfile(entry, destination)
         return True
     compile_to(destination)
-    root.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=".tmp-", suffix=suffix)
-    os.close(fd)
-    try:
+    with replaced_atomically(entry) as tmp:
         shutil.copyfile(destination, tmp)
-        os.replace(tmp, entry)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return False

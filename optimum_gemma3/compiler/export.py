@@ -5,8 +5,8 @@ validate the export config against the model config, choose the ops profile the 
 are traced with (`ops_profile_for`), compile one program per prefill bucket plus the
 decode program (through the compile cache), write the weights in the
 export dtype, copy the tokenizer and generation config, and write `neuron_config.json`
-last. The caller decides where the folder goes; writes happen in a staging folder that
-is renamed into place only when complete.
+last, listing every file written. The caller decides where the folder goes; it is
+written as every save is (`artifact.files.save_artifact`).
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ from transformers import AutoConfig, GenerationConfig
 from ..artifact.files import (
     TOKENIZER_FILES,
     decode_program_name,
+    files_below,
     prefill_program_name,
+    save_artifact,
     sha256_file,
     weights_name,
-    write_folder_atomically,
 )
 from ..artifact.neuron_config import Gemma3NeuronConfig
 from ..graphs import Gemma3Decoder, text_config
@@ -55,7 +56,7 @@ def export_to_folder(
     revision: str | None = None,
     token: str | bool | None = None,
 ) -> Path:
-    """Export `model_id` into `destination` (replaced atomically if it exists)."""
+    """Export `model_id` into `destination`, replacing only files an earlier export wrote."""
     checkpoint = resolve_checkpoint(model_id, revision, token)
     config = AutoConfig.from_pretrained(checkpoint)
     text = text_config(config)
@@ -76,11 +77,12 @@ def export_to_folder(
             text, neuron_config, backend, versions, folder
         )
         if load_weights:
-            for name in _write_weights(checkpoint, text, neuron_config, folder):
-                neuron_config.artifact_files[name] = None  # safetensors checks its own layout
+            _write_weights(checkpoint, text, neuron_config, folder)
+        for name in files_below(folder):  # the manifest: every file written (see artifact)
+            neuron_config.artifact_files.setdefault(name, None)
         neuron_config.save_pretrained(folder)
 
-    return write_folder_atomically(destination, fill)
+    return save_artifact(destination, fill)
 
 
 def _compile_programs(text, neuron_config, backend, versions, folder: Path) -> dict[str, str]:
@@ -128,15 +130,13 @@ def _compile_programs(text, neuron_config, backend, versions, folder: Path) -> d
     return checksums
 
 
-def _write_weights(checkpoint: Path, text, neuron_config, folder: Path) -> list[str]:
-    """Each rank's tensors, renamed, cast and checked against its graph; the files written."""
-    names = []
+def _write_weights(checkpoint: Path, text, neuron_config, folder: Path) -> None:
+    """Each rank's tensors, renamed, cast and checked against its graph (the manifest lists
+    them without a checksum: safetensors checks its own layout)."""
     for rank, shard in enumerate(rank_state_dicts(checkpoint, text, neuron_config)):
         name = weights_name(rank, neuron_config.tp_degree)
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         save_file(shard, folder / name, metadata={"format": "pt"})
-        names.append(name)
-    return names
 
 
 def _copy_generation_files(checkpoint: Path, folder: Path) -> None:

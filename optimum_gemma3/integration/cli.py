@@ -298,7 +298,7 @@ def _export(args: argparse.Namespace, config) -> Path:
     """Compile the Gemma-3 checkpoint `args.model` and save it to `args.output`."""
     from .modeling import Gemma3NeuronModelForCausalLM
 
-    _check_output(Path(args.output), args.model)
+    _check_output(Path(args.output))
 
     buckets = args.context_encoding_buckets
     if buckets is not None:
@@ -346,29 +346,19 @@ def _export(args: argparse.Namespace, config) -> Path:
     return folder
 
 
-def _check_output(output: Path, model: str) -> None:
-    """Refuse an output folder whose whole replacement would destroy something else.
+def _check_output(output: Path) -> None:
+    """Refuse, before compiling, an output the save would refuse after: a file, or a folder
+    holding files of the same names that this project did not write (a checkpoint)."""
+    from ..artifact.files import (
+        CONFIG_NAME,
+        NEURON_CONFIG_NAME,
+        PROGRAMS_DIR,
+        WEIGHTS_NAME,
+        refuse_overwriting,
+    )
 
-    `save_pretrained` replaces the output folder whole, which is right for a previous
-    export but would delete a checkpoint or an unrelated folder given by mistake.
-    """
-    from ..artifact.files import NEURON_CONFIG_NAME
-
-    output = output.resolve()
-    source = Path(model)
-    if source.is_dir() and source.resolve().is_relative_to(output):
-        raise CliError(
-            f"The output folder {output} contains the model {model}, and the export replaces "
-            "the output folder whole: choose another output folder."
-        )
-    if output.exists() and not output.is_dir():
-        raise CliError(f"The output {output} exists and is not a folder.")
-    if output.is_dir() and any(output.iterdir()) and not (output / NEURON_CONFIG_NAME).is_file():
-        raise CliError(
-            f"The output folder {output} is not empty and holds no {NEURON_CONFIG_NAME} (not a "
-            "previous export); the export replaces the output folder whole, so choose a new "
-            "or empty folder."
-        )
+    names = [CONFIG_NAME, NEURON_CONFIG_NAME, WEIGHTS_NAME, f"{PROGRAMS_DIR}/decode"]
+    refuse_overwriting(output.absolute(), names)
 
 
 @contextlib.contextmanager

@@ -40,11 +40,14 @@ from huggingface_hub.utils import validate_repo_id
 
 from ..artifact.checks import check_host_runs, check_versions, load_neuron_config
 from ..artifact.files import (
+    MODEL_CARD_NAME,
     NEURON_CONFIG_NAME,
     PROGRAMS_DIR,
     RANK_WEIGHTS_DIR,
     TOKENIZER_FILES,
     ArtifactError,
+    add_to_manifest,
+    owned_files,
     weights_name,
 )
 from ..compiler import backend_for_target
@@ -53,7 +56,6 @@ from ..constants import TASK
 if TYPE_CHECKING:
     from ..artifact.neuron_config import Gemma3NeuronConfig
 
-MODEL_CARD_NAME = "README.md"
 # The card's library: users load these repos through optimum-neuron's auto class (after
 # `import optimum_gemma3`), and the folder format is optimum-neuron's (neuron_config.json).
 # Without an explicit library the Hub would infer "transformers" from config.json and offer
@@ -206,34 +208,19 @@ def _target_text(target: str) -> str:
 
 
 def write_model_card(folder: Path, card: ModelCard) -> Path:
-    """Write README.md into `folder`, replacing (never writing through) a symlinked one,
-    as found in an HF cache snapshot, whose target is a shared cache blob."""
+    """Write README.md into `folder` and list it in the manifest, replacing (never writing
+    through) a symlinked one, as found in an HF cache snapshot, whose target is a shared
+    cache blob. A README.md this project did not write is refused, not overwritten."""
     path = folder / MODEL_CARD_NAME
+    if (path.exists() or path.is_symlink()) and MODEL_CARD_NAME not in owned_files(folder):
+        raise ArtifactError(
+            f"{path} was not written by optimum-gemma3, and pushing writes the model card "
+            "there: move it away or push from another save_directory."
+        )
     path.unlink(missing_ok=True)
     card.save(path)
+    add_to_manifest(folder, [MODEL_CARD_NAME])
     return path
-
-
-def holds_same_files(source: Path, destination: Path) -> bool:
-    """Whether `destination` holds exactly the files of `source`, model cards aside, by
-    rsync's quick check (relative path, size, modification time; the artifact copy keeps
-    modification times). Spares re-copying gigabytes of weights when pushing a folder
-    that was just saved."""
-    if not destination.is_dir():
-        return False
-    if source.resolve() == destination.resolve():
-        return True
-
-    def listing(root: Path) -> dict[str, tuple[int, int]]:
-        files = {}
-        for path in root.rglob("*"):
-            name = path.relative_to(root).as_posix()
-            if path.is_file() and name != MODEL_CARD_NAME:
-                stat = path.stat()
-                files[name] = (stat.st_size, stat.st_mtime_ns)
-        return files
-
-    return listing(source) == listing(destination)
 
 
 def has_tokenizer_files(folder: Path) -> bool:
@@ -270,6 +257,7 @@ def push_folder(
         folder_path=folder,
         revision=revision,
         commit_message=f"Upload Gemma-3 compiled for {neuron_config.target} with optimum-gemma3",
+        allow_patterns=sorted(owned_files(folder)),  # never a user's file of the folder
         delete_patterns=STALE_PATTERNS,
     )
     return info.commit_url

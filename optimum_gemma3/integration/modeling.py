@@ -25,7 +25,7 @@ from transformers.generation import (
     StoppingCriteriaList,
 )
 
-from ..artifact.files import copy_tree_files, write_folder_atomically
+from ..artifact.files import copy_files, owned_files, save_artifact
 from ..artifact.neuron_config import Gemma3NeuronConfig
 from ..compiler import TARGETS
 from ..compiler.export import export_to_folder
@@ -241,12 +241,16 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
         )
 
     def save_pretrained(self, save_directory: str | Path, **kwargs) -> Path:
-        """Write the artifact folder to `save_directory`, atomically (replaced whole)."""
+        """Write this model's files into `save_directory`, as transformers does: files of
+        an earlier save there are replaced (stale programs and shards removed), any other
+        file is kept, and one this model would overwrite is refused by name. Interrupted,
+        the folder keeps the previous model or is refused at load, never a mix of both."""
         source = self.runtime.folder.resolve()
         if Path(save_directory).resolve() == source:
             return source
-        return write_folder_atomically(
-            Path(save_directory), lambda staging: copy_tree_files(source, staging)
+        names, destination = owned_files(source), Path(save_directory)
+        return save_artifact(
+            destination, lambda staging: copy_files(source, names, staging, reuse=destination)
         )
 
     def _save_pretrained(self, save_directory: str, **kwargs):
@@ -263,18 +267,17 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
     ) -> str:
         """Save the artifact folder to `save_directory` with a model card, then upload it.
 
-        optimum-neuron's signature: `save_directory` is (re)written unless it already holds
-        this model's files; a generated `README.md` (metadata, export config, usage) is
-        added. The repo is created if missing (`private` applies only then), `revision` is
-        a branch created from main if missing, and programs of an earlier push that this
-        model lacks are removed in the same commit. `token=True` (the default) requires a
+        optimum-neuron's signature: the model is saved into `save_directory` (as by
+        `save_pretrained`: other files there are kept, and never uploaded), with a generated
+        `README.md` (metadata, export config, usage). The repo is created if missing
+        (`private` applies only then), `revision` is a branch created from main if missing,
+        and programs of an earlier push that this model lacks are removed in the same
+        commit. `token=True` (the default) requires a
         stored token (`hf auth login`) and fails with that advice otherwise.
 
         Returns the URL of the commit, `{endpoint}/{repo_id}/commit/{sha}`.
         """
-        folder = Path(save_directory)
-        if not hub.holds_same_files(self.runtime.folder, folder):
-            folder = self.save_pretrained(folder)
+        folder = self.save_pretrained(save_directory)
         return hub.push_folder(
             folder,
             self.neuron_config,

@@ -28,13 +28,12 @@ import logging
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 from torch.utils.cpp_extension import include_paths, library_paths
 
-from ...paths import cache_root
+from ...paths import cache_root, replaced_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -82,20 +81,13 @@ def _build() -> Path:
     library = folder / f"kernels-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.so"
     if library.is_file():
         return library
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".so")
-    os.close(fd)
     logger.info("Compiling optimum-gemma3 CPU kernels into %s (once per torch version)", library)
-    try:
+    with replaced_atomically(library) as tmp:
         result = subprocess.run(
-            _compile_command(compiler, Path(tmp)), capture_output=True, text=True, check=False
+            _compile_command(compiler, tmp), capture_output=True, text=True, check=False
         )
         if result.returncode != 0:
             raise OSError(f"{compiler} failed:\n{result.stderr[-4000:]}")
-        os.replace(tmp, library)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return library
 
 

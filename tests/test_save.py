@@ -1,0 +1,183 @@
+"""Saving never loses a file: `save_pretrained` and the export write this model's files into
+a folder, replace only files an earlier save of this project wrote (its manifest,
+`neuron_config.json`, lists them), and keep everything else; an interrupted save leaves the
+previous model loadable or a folder that loading refuses, never a mix of two models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from optimum_gemma3 import Gemma3NeuronModelForCausalLM
+from optimum_gemma3.artifact.files import ArtifactError, files_below
+from tests.conftest import REPO
+from tests.test_artifacts import SHAPE
+
+ONE_BUCKET = {**SHAPE, "context_encoding_buckets": [16]}  # the same programs, minus one
+
+
+@pytest.fixture(scope="module")
+def models(tiny_checkpoints):
+    """Two exports of one tiny model: buckets 16 and 32, and bucket 16 only (compiled once:
+    the compile cache serves the second's programs)."""
+    source = tiny_checkpoints("4b")
+
+    def export(shape):
+        config = Gemma3NeuronModelForCausalLM.get_neuron_config(
+            source, instance_type="cpu", **shape
+        )
+        return Gemma3NeuronModelForCausalLM.export(source, config)
+
+    return export(SHAPE), export(ONE_BUCKET)
+
+
+def user_files(folder):
+    files = {
+        "notes.txt": "mine",
+        "scripts/run.py": "print('hello')",
+        "compiled/my-notes.txt": "kept beside the programs",
+    }
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    return files
+
+
+def assert_kept(folder, files):
+    for name, text in files.items():
+        assert (folder / name).read_text() == text, name
+
+
+def buckets_of(folder) -> list[int]:
+    return json.loads((folder / "neuron_config.json").read_text())["context_encoding_buckets"]
+
+
+def test_user_files_in_the_folder_and_its_subfolders_are_kept(models, tmp_path):
+    model, _ = models
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    files = user_files(folder)
+    model.save_pretrained(folder)
+    assert_kept(folder, files)
+    reloaded = Gemma3NeuronModelForCausalLM.from_pretrained(folder)
+    assert reloaded.neuron_config.context_encoding_buckets == [16, 32]
+
+
+def test_saving_into_the_current_directory(models, tmp_path, monkeypatch):
+    model, _ = models
+    (tmp_path / "my_script.py").write_text("import optimum_gemma3\n")
+    monkeypatch.chdir(tmp_path)
+    model.save_pretrained(".")
+    assert (tmp_path / "my_script.py").read_text() == "import optimum_gemma3\n"
+    assert (tmp_path / "neuron_config.json").is_file()
+    Gemma3NeuronModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_a_path_that_is_a_file_is_refused(models, tmp_path):
+    model, _ = models
+    path = tmp_path / "model"
+    path.write_text("not a folder")
+    with pytest.raises(ArtifactError, match="is a file"):
+        model.save_pretrained(path)
+    assert path.read_text() == "not a folder"
+
+
+def test_resaving_replaces_the_earlier_export_and_nothing_else(models, tmp_path):
+    two_buckets, one_bucket = models
+    folder = tmp_path / "out"
+    two_buckets.save_pretrained(folder)
+    files = user_files(folder)
+    assert (folder / "compiled/prefill_32.pt2").is_file()
+    one_bucket.save_pretrained(folder)
+    assert not (folder / "compiled/prefill_32.pt2").exists()  # the earlier export's, stale
+    assert buckets_of(folder) == [16]
+    assert_kept(folder, files)
+    listed = set(json.loads((folder / "neuron_config.json").read_text())["artifact_files"])
+    assert set(files_below(folder)) == listed | set(files) | {"neuron_config.json"}
+    assert Gemma3NeuronModelForCausalLM.from_pretrained(folder).neuron_config.batch_size == 3
+
+
+def test_a_file_the_model_would_overwrite_is_refused_and_nothing_changes(models, tmp_path):
+    model, _ = models
+    folder = tmp_path / "checkpoint-like"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"mine": true}')
+    before = {name: (folder / name).read_bytes() for name in files_below(folder)}
+    with pytest.raises(ArtifactError, match="config.json"):
+        model.save_pretrained(folder)
+    assert {name: (folder / name).read_bytes() for name in files_below(folder)} == before
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_another_libraries_manifest_is_not_taken_for_ours(models, tmp_path):
+    model, _ = models
+    folder = tmp_path / "optimum-neuron-export"
+    folder.mkdir()
+    (folder / "neuron_config.json").write_text('{"_serialized_key": "NxDNeuronConfig"}')
+    with pytest.raises(ArtifactError, match="neuron_config.json"):
+        model.save_pretrained(folder)
+
+
+KILLED_SAVE = """
+import os, signal, sys
+from optimum_gemma3 import Gemma3NeuronModelForCausalLM
+from optimum_gemma3.artifact import files
+
+stage, after = sys.argv[1], int(sys.argv[2])
+calls = []
+wrapped = {"copy": files.shutil.copy2, "move": files.os.replace}
+
+
+def dying(kind):
+    def call(*args, **kwargs):
+        calls.append(kind)
+        if calls.count(stage) > after:
+            os.kill(os.getpid(), signal.SIGKILL)  # as a crash or an OOM kill would
+        return wrapped[kind](*args, **kwargs)
+    return call
+
+
+files.shutil.copy2 = dying("copy")
+files.os.replace = dying("move")
+model = Gemma3NeuronModelForCausalLM.from_pretrained(sys.argv[3])
+model.save_pretrained(sys.argv[4])
+"""
+
+
+@pytest.mark.parametrize(
+    "stage, after",
+    [("copy", 2), ("move", 1), ("move", 4), ("move", 100)],
+    ids=["while staging", "first move", "mid-way", "before the manifest"],
+)
+def test_a_killed_save_leaves_the_old_model_or_a_refused_folder(models, tmp_path, stage, after):
+    two_buckets, one_bucket = models
+    source = two_buckets.save_pretrained(tmp_path / "source")
+    folder = one_bucket.save_pretrained(tmp_path / "out")
+    files = user_files(folder)
+    if stage == "move" and after == 100:  # the old manifest's and every file's but the new one's
+        after = len(files_below(source))
+    result = subprocess.run(
+        [sys.executable, "-c", KILLED_SAVE, stage, str(after), str(source), str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
+    )
+    assert result.returncode == -9, result.stderr[-3000:]
+    assert_kept(folder, files)
+    try:
+        loaded = Gemma3NeuronModelForCausalLM.from_pretrained(folder)
+    except ArtifactError as error:
+        assert "unfinished save" in str(error) and stage == "move"
+    else:
+        assert stage == "copy"  # killed before anything in the folder changed
+        assert loaded.neuron_config.context_encoding_buckets == [16]
+    two_buckets.save_pretrained(folder)  # a new save finishes the job
+    assert buckets_of(folder) == [16, 32]
+    assert not [p for p in folder.iterdir() if p.name.startswith(".optimum-gemma3-save")]
+    assert_kept(folder, files)
+    Gemma3NeuronModelForCausalLM.from_pretrained(folder)
