@@ -4,9 +4,12 @@ Importing this package registers `Gemma3NeuronModelForCausalLM` with optimum-neu
 `optimum.neuron.NeuronModelForCausalLM` handles `gemma3_text` and `gemma3` checkpoints.
 """
 
-from .artifact.neuron_config import Gemma3NeuronConfig
-from .integration.modeling import Gemma3NeuronModelForCausalLM
-from .integration.registry import register
+from .quiet import neuron_device_probe_silenced
+
+with neuron_device_probe_silenced():  # this import is what first imports optimum-neuron
+    from .artifact.neuron_config import Gemma3NeuronConfig
+    from .integration.modeling import Gemma3NeuronModelForCausalLM
+    from .integration.registry import register
 from .version import __version__
 
 register(Gemma3NeuronModelForCausalLM)

@@ -12,14 +12,30 @@ from tests.test_parity import build_decoder, left_padded_batch
 
 def export_graphs(decoder, prompt_length: int):
     batch = decoder.batch_size
-    ids = torch.zeros(batch, prompt_length, dtype=torch.long)
-    prefill = torch.export.export(PrefillGraph(decoder), (ids, torch.ones_like(ids)), strict=True)
+    ids = torch.zeros(1, prompt_length, dtype=torch.long)
+    slot = torch.zeros(1, dtype=torch.long)
+    prefill = torch.export.export(
+        PrefillGraph(decoder), (ids, torch.ones_like(ids), slot), strict=True
+    )
     decode = torch.export.export(
         DecodeGraph(decoder),
         (torch.zeros(batch, 1, dtype=torch.long), torch.zeros(batch, dtype=torch.long)),
         strict=True,
     )
     return prefill, decode
+
+
+def prefill_rows(prefill):
+    """A batch prefill from a one-prompt one: each row into its own cache row, as the
+    runtime runs the compiled prefill."""
+
+    def run(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        rows = range(ids.shape[0])
+        return torch.cat(
+            [prefill(ids[r : r + 1], mask[r : r + 1], torch.tensor([r])) for r in rows]
+        )
+
+    return run
 
 
 def share_buffers(source: torch.nn.Module, target: torch.nn.Module) -> None:
@@ -43,8 +59,12 @@ def test_exported_programs_match_eager(tiny_checkpoints):
     share_buffers(prefill_module, decode_module)
     ids, mask = left_padded_batch(520, seed=5)
     with torch.inference_mode():
-        eager = greedy_generate(decoder.prefill, decoder.decode, ids, mask, 40, prompt_length=32)
-        exported = greedy_generate(prefill_module, decode_module, ids, mask, 40, prompt_length=32)
+        eager = greedy_generate(
+            prefill_rows(decoder.prefill), decoder.decode, ids, mask, 40, prompt_length=32
+        )
+        exported = greedy_generate(
+            prefill_rows(prefill_module), decode_module, ids, mask, 40, prompt_length=32
+        )
     assert torch.equal(exported.sequences, eager.sequences)
     assert torch.equal(exported.logits, eager.logits)
 

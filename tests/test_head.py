@@ -413,3 +413,27 @@ def test_other_steps_read_every_logit(kwargs):
     calls = []
     first_token(calls, **kwargs)
     assert calls == ["full"]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rows_head_logits_do_not_depend_on_the_other_rows(dtype):
+    """Batch invariance of the host head, in full and screened: a row's logits are the same
+    bits alone and among up to 7 other rows (screened: every logit selection can pick)."""
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(2000, 128, generator=generator).to(dtype)
+    head = HostHead(weight, OpsProfile.for_host())
+    row = torch.randn(1, 128, generator=generator).to(dtype)
+    alone = head.next_token_logits(row)
+    for rows in range(2, SKINNY_MAX_ROWS + 1):
+        batch = torch.cat([torch.randn(rows - 1, 128, generator=generator).to(dtype), row])
+        shared = head.next_token_logits(batch)
+        assert torch.equal(shared.full()[-1], alone.full()[0]), rows
+        for k in (1, 5):
+            # What selection reads: the floor, and which tokens reach it with which logits.
+            # (Below the floor a row may get exact logits another row asked for, or -inf.)
+            (logits, floor), (logits_alone, floor_alone) = shared.near_top(k), alone.near_top(k)
+            assert floor[-1] == floor_alone[0]
+            reach = logits_alone[0] >= floor_alone[0]
+            assert torch.equal(logits[-1] >= floor[-1], reach)
+            assert torch.equal(logits[-1][reach], logits_alone[0][reach])

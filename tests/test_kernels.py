@@ -44,6 +44,23 @@ def test_fp32_products_match_f_linear(rows, features):
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("features", [100, 640])
+def test_a_rows_products_do_not_depend_on_the_other_rows(dtype, features):
+    """Batch invariance: the same input row gives the same bits alone, among 2..8 other
+    rows, at any place in the batch, and past the kernels' row limit (blocks of rows)."""
+    generator = torch.Generator().manual_seed(features)
+    weight = torch.randn(333, features, generator=generator).to(dtype)
+    row = torch.randn(1, features, generator=generator).to(dtype)
+    alone = skinny_linear(row, weight)
+    for rows in range(2, kernels.MAX_ROWS + 4):
+        others = torch.randn(rows, features, generator=generator).to(dtype)
+        place = rows // 2
+        batch = torch.cat([others[:place], row, others[place + 1 :]])
+        assert torch.equal(skinny_linear(batch, weight)[place], alone[0]), rows
+
+
+@needs_kernels
 @pytest.mark.parametrize("rows", [1, 4, 9])
 def test_bf16_products_are_fp32_sums_rounded_once(rows):
     generator = torch.Generator().manual_seed(rows)
@@ -208,18 +225,20 @@ def test_each_decoder_traces_the_ops_of_its_own_profile(tiny_checkpoints):
     """Two decoders in one process, one plain (as traced for Neuron) and one with this
     host's profile (the `cpu` backend's), traced in turns: each graph holds its own
     decoder's forms, whatever was traced before. The host decode program streams weights
-    through `skinny_linear`, and its prefill program (3 x 16 rows) uses oneDNN's `dense`,
-    with the head on the last token only. Only the decode program reads its caches
+    through `skinny_linear`, and its prefill program (one prompt of 16 tokens) uses
+    oneDNN's `dense`, with the head on the last token only. Only the decode program reads its caches
     through `decode_attention`."""
     folder = tiny_checkpoints("270m")
     host = build_decoder(folder, ops=OpsProfile.for_host())
     plain_decoder = build_decoder(folder)
-    ids = torch.zeros(3, 16, dtype=torch.long)
+    ids = torch.zeros(1, 16, dtype=torch.long)
 
     decode = graph_ops(torch.export.export(DecodeGraph(host), STEP, strict=True))
     plain = graph_ops(torch.export.export(DecodeGraph(plain_decoder), STEP, strict=True))
     prefill = graph_ops(
-        torch.export.export(PrefillGraph(host), (ids, torch.ones_like(ids)), strict=True)
+        torch.export.export(
+            PrefillGraph(host), (ids, torch.ones_like(ids), torch.zeros(1).long()), strict=True
+        )
     )
     assert "aten.linear.default" in plain
     assert not any(op.startswith("optimum_gemma3") for op in plain)

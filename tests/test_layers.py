@@ -18,7 +18,7 @@ import optimum_gemma3
 PACKAGE = "optimum_gemma3"
 ROOT = Path(optimum_gemma3.__file__).parent
 LAYERS = [
-    {"version", "constants", "paths", "accuracy"},
+    {"version", "constants", "paths", "accuracy", "quiet"},
     {"graphs"},
     {"artifact"},
     {"weights"},

@@ -20,6 +20,7 @@ import torch
 from torch._inductor import cpu_vec_isa
 
 from ..graphs import kernels
+from ..quiet import torch_treespec_deprecation_silenced
 from .base import CompilerBackend, Program
 
 logger = logging.getLogger(__name__)
@@ -55,11 +56,13 @@ class CpuBackend(CompilerBackend):
         # tensors captures as well as TorchDynamo's bytecode tracing (strict) did (same ops
         # on the real 270M), in a quarter of the time: the 270M decode graph 25.5 -> 5.8 s,
         # the 1024-token prefill 29.7 -> 11.0 s, of about two minutes per program.
-        exported = torch.export.export(program, example_inputs, strict=False)
-        torch._inductor.aoti_compile_and_package(exported, package_path=str(path))
+        with torch_treespec_deprecation_silenced():
+            exported = torch.export.export(program, example_inputs, strict=False)
+            torch._inductor.aoti_compile_and_package(exported, package_path=str(path))
 
     def load(self, path: Path) -> Program:
         # Programs call the kernels through the dispatcher; the runtime has checked that
         # they load here if the artifact's ops profile uses them.
         kernels.load()
-        return torch._inductor.aoti_load_package(str(path))
+        with torch_treespec_deprecation_silenced():
+            return torch._inductor.aoti_load_package(str(path))

@@ -33,16 +33,19 @@ class KVCache(nn.Module):
     def length(self) -> int:
         return self.k.shape[2]
 
-    def fill(self, k: torch.Tensor, v: torch.Tensor, source_index: torch.Tensor) -> None:
-        """Prefill: write the whole cache from a prompt's K/V `[B, Hkv, S, D]`.
+    def fill(
+        self, k: torch.Tensor, v: torch.Tensor, source_index: torch.Tensor, slots: torch.Tensor
+    ) -> None:
+        """Prefill: write cache rows `slots` `[B]` from their prompts' K/V `[B, Hkv, S, D]`,
+        leaving every other row as it is (another request's, in a batch being decoded).
 
         `source_index[b, s]` is the prompt index whose K/V belongs in slot `s` (see
         `fill_index`); slots without a real token receive clamped copies that the mask
         hides until decode overwrites them.
         """
         index = source_index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-        self.k.copy_(torch.gather(k, 2, index))
-        self.v.copy_(torch.gather(v, 2, index))
+        self.k.index_copy_(0, slots, torch.gather(k, 2, index))
+        self.v.index_copy_(0, slots, torch.gather(v, 2, index))
 
     def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
         """Decode: write one token per row `[B, Hkv, 1, D]` at slot `position % length`.

@@ -48,6 +48,7 @@ class LayerInputs:
     positions: torch.Tensor | None = None  # decode: where to write the new token
     filled: torch.Tensor | None = None  # decode: how many cache slots each row may see
     fill_index: torch.Tensor | None = None  # prefill: which prompt token fills each slot
+    slots: torch.Tensor | None = None  # prefill: the cache row each prompt fills
     window: int | None = None  # prefill: the sliding window (None: full attention)
 
 
@@ -104,7 +105,7 @@ class Attention(nn.Module):
         k = apply_rotary(k, inputs.cos, inputs.sin)
         if inputs.fill_index is not None:
             # Prefill starts from an empty cache: attend within the prompt, then store it.
-            self.cache.fill(k, v, inputs.fill_index)
+            self.cache.fill(k, v, inputs.fill_index, inputs.slots)
             out = blocked_prefill_attention(q, k, v, mask, self.scale, inputs.window, ops=self.ops)
         else:
             k, v = self.cache.update(k, v, inputs.positions)
@@ -293,10 +294,21 @@ class Gemma3Decoder(nn.Module):
         return last(h, inputs[last.layer_type], last_token_only)
 
     def prefill(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_head: bool = True
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        slots: torch.Tensor | None = None,
+        with_head: bool = True,
     ) -> torch.Tensor:
-        """Run a left-padded prompt batch, fill every cache, return last-token logits (or,
-        without the head, the final-normed hidden states the head takes)."""
+        """Run left-padded prompts `[B, S]`, fill their cache rows `slots` (default: rows
+        0..B-1) and return last-token logits (or, without the head, the final-normed
+        hidden states the head takes). Other cache rows are left as they are.
+
+        The compiled prefill takes one prompt (B = 1) and its slot: a row's numbers then
+        depend on its own prompt only, never on the other rows or their lengths.
+        """
+        if slots is None:
+            slots = torch.arange(input_ids.shape[0], device=input_ids.device)
         prompt_len = input_ids.shape[1]
         lengths = attention_mask.sum(-1)
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -308,6 +320,7 @@ class Gemma3Decoder(nn.Module):
                 sin,
                 prefill_mask(attention_mask, self.window[kind]),
                 fill_index=fill_index(lengths, prompt_len, self.cache_len[kind]),
+                slots=slots,
                 window=self.window[kind],
             )
         # Only the last token's logits are returned, so the last layer computes attention,
@@ -338,15 +351,18 @@ class Gemma3Decoder(nn.Module):
 
 
 class PrefillGraph(nn.Module):
-    """`Gemma3Decoder.prefill` as a module's forward, for tracing one prompt bucket."""
+    """`Gemma3Decoder.prefill` of one prompt into one cache row, as a module's forward, for
+    tracing one prompt bucket."""
 
     def __init__(self, decoder: Gemma3Decoder, with_head: bool = True):
         super().__init__()
         self.decoder = decoder
         self.with_head = with_head
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.decoder.prefill(input_ids, attention_mask, self.with_head)
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, slot: torch.Tensor
+    ) -> torch.Tensor:
+        return self.decoder.prefill(input_ids, attention_mask, slot, self.with_head)
 
 
 class DecodeGraph(nn.Module):

@@ -16,14 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from . import kernels
 from .ops import PLAIN, OpsProfile
 from .parallel import all_reduce
 
 # transformers' name for `F.gelu(x, approximate="tanh")`, Gemma-3's MLP activation.
 GELU_TANH = "gelu_pytorch_tanh"
 
-# Decode-sized products (batch rows x 1 token) go to `skinny_linear` up to this many rows.
-SKINNY_MAX_ROWS = 8
+# Decode-sized products (batch rows x 1 token) go to `skinny_linear` up to this many rows:
+# the kernels' own limit, defined once.
+SKINNY_MAX_ROWS = kernels.MAX_ROWS
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, ops: OpsProfile) -> torch.Tensor:

@@ -39,11 +39,12 @@ class GraphProgram(nn.Module):
         self,
         weights: dict[str, torch.Tensor],
         caches: dict[str, torch.Tensor],
-        input_ids: torch.Tensor,
-        positions_or_mask: torch.Tensor,
+        *inputs: torch.Tensor,
     ) -> torch.Tensor:
+        """Prefill: `(input_ids [1, S], attention_mask [1, S], slot [1])`; decode:
+        `(input_ids [B, 1], positions [B])`."""
         state = {f"decoder.{name}": tensor for name, tensor in {**weights, **caches}.items()}
-        return functional_call(self._graph[0], state, (input_ids, positions_or_mask))
+        return functional_call(self._graph[0], state, inputs)
 
 
 def canonical(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -68,11 +69,10 @@ def weight_tensors(decoder: Gemma3Decoder) -> dict[str, torch.Tensor]:
 
 def example_inputs(decoder: Gemma3Decoder, kind: str, prompt_length: int | None = None) -> tuple:
     """Static-shape example inputs for tracing one program (a prefill bucket or decode)."""
-    batch = decoder.batch_size
-    if kind == PREFILL:
-        ids = torch.zeros(batch, prompt_length, dtype=torch.long)
-        extra = torch.ones_like(ids)
+    if kind == PREFILL:  # one prompt into one cache row (see `Gemma3Decoder.prefill`)
+        ids = torch.zeros(1, prompt_length, dtype=torch.long)
+        extra = (torch.ones_like(ids), torch.zeros(1, dtype=torch.long))
     else:
-        ids = torch.zeros(batch, 1, dtype=torch.long)
-        extra = torch.zeros(batch, dtype=torch.long)
-    return weight_tensors(decoder), cache_tensors(decoder), ids, extra
+        ids = torch.zeros(decoder.batch_size, 1, dtype=torch.long)
+        extra = (torch.zeros(decoder.batch_size, dtype=torch.long),)
+    return weight_tensors(decoder), cache_tensors(decoder), ids, *extra

@@ -8,8 +8,8 @@ are safetensors with exactly the expected tensors. It compiles nothing and needs
 model source for the programs.
 
 Each rank engine owns its weights and one set of KV caches shared by all its programs;
-callers pass user-sized batches and the runtime picks the smallest prefill bucket that
-fits, left-aligns prompts into it and pads the batch up to the compiled batch size.
+callers pass user-sized batches: each prompt is prefilled alone into its cache row, in
+the smallest bucket that holds it, and decode pads the batch up to the compiled size.
 """
 
 from __future__ import annotations
@@ -60,6 +60,22 @@ class Gemma3Runtime:
         self.head = None
         if nc.head_on_host:
             self.head = HostHead(self.engine.weights[head_weight_name(text)], nc.ops_profile)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Run the smallest prefill, the decode step and the head once, at load.
+
+        Why: the first call of a program pays for its lazy set-up and for reading the
+        memory-mapped weights in from disk; done here, the first request is as fast as the
+        rest. What it writes into the caches is never read: a prefill overwrites every
+        slot of its row and decode reads only slots written since.
+        """
+        with torch.inference_mode():
+            ids = torch.full((1, self.buckets[0]), self.pad_token_id)
+            hidden = self.engine.prefill(ids, torch.ones_like(ids), torch.tensor([0]))
+            self._next_token_logits(hidden).near_top(1)
+            ids = torch.full((self.batch_size, 1), self.pad_token_id)
+            self.engine.decode(ids, torch.zeros(self.batch_size, dtype=torch.long))
 
     def close(self) -> None:
         """Stop the rank processes of a tensor-parallel model (also done when collected)."""
@@ -83,18 +99,21 @@ class Gemma3Runtime:
             if prompt_length <= bucket:
                 return bucket
         raise ValueError(
-            f"A prompt of {prompt_length} tokens exceeds max_context_length="
-            f"{self.max_context_length} of this compiled model: shorten it or re-export with "
-            "a larger max_context_length / sequence_length."
+            f"A prompt of {prompt_length} tokens exceeds the largest prefill bucket "
+            f"({self.buckets[-1]} tokens) of this compiled model: shorten it or re-export with "
+            "larger context_encoding_buckets / max_context_length / sequence_length."
         )
 
-    def _pad_batch(self, tensor: torch.Tensor, fill: int) -> torch.Tensor:
-        rows = tensor.shape[0]
+    def _check_rows(self, rows: int) -> None:
         if rows > self.batch_size:
             raise ValueError(
                 f"Batch of {rows} rows exceeds the compiled batch_size={self.batch_size}: "
                 "split the batch or re-export with a larger batch_size."
             )
+
+    def _pad_batch(self, tensor: torch.Tensor, fill: int) -> torch.Tensor:
+        rows = tensor.shape[0]
+        self._check_rows(rows)
         if rows == self.batch_size:
             return tensor
         padding = torch.full((self.batch_size - rows, *tensor.shape[1:]), fill, dtype=tensor.dtype)
@@ -108,12 +127,19 @@ class Gemma3Runtime:
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> NextTokenLogits:
         """Logits `[rows, V]` of each prompt's last token, computed as far as they are read;
-        fills the caches of these rows."""
-        rows = input_ids.shape[0]
-        bucket = self.bucket_for(int(attention_mask.sum(-1).max()))
-        ids, mask = left_align(input_ids, attention_mask, self.pad_token_id, bucket)
-        ids, mask = self._pad_batch(ids, self.pad_token_id), self._pad_batch(mask, 0)
-        return self._next_token_logits(self.engine.prefill(ids, mask)[:rows])
+        fills cache rows 0..rows-1.
+
+        Each prompt runs alone, in the smallest bucket that holds it, into its own cache
+        row: its numbers are the same whichever prompts share the batch (and a request can
+        join a batch being decoded).
+        """
+        self._check_rows(input_ids.shape[0])
+        outputs = []
+        for row, (ids, mask) in enumerate(zip(input_ids, attention_mask, strict=True)):
+            bucket = self.bucket_for(int(mask.sum()))
+            ids, mask = left_align(ids[None], mask[None], self.pad_token_id, bucket)
+            outputs.append(self.engine.prefill(ids, mask, torch.tensor([row])))
+        return self._next_token_logits(torch.cat(outputs))
 
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor) -> NextTokenLogits:
         """Logits `[rows, V]` for one new token per row at `positions`, computed as far as

@@ -73,7 +73,7 @@ def _rank_main(rank: int, degree: int, folder: str, token, store: str, conn, log
             try:
                 out = getattr(engine, command)(*args)
                 if rank == 0:
-                    logits.copy_(out)
+                    logits[: out.shape[0]].copy_(out)
                 conn.send(("ok", None))
             except Exception:
                 conn.send(("error", traceback.format_exc()))
@@ -145,8 +145,8 @@ class RankPool:
     def pids(self) -> list[int]:
         return [process.pid for process in self._processes]
 
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self._call("prefill", ids, mask)
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        return self._call("prefill", ids, mask, slot)
 
     def decode(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self._call("decode", ids, positions)
@@ -166,7 +166,7 @@ class RankPool:
             except OSError:  # a dead rank's pipe: its sentinel reports it below
                 pass
         self._collect(command)
-        return self._logits.clone()
+        return self._logits[: args[0].shape[0]].clone()
 
     def _collect(self, command: str) -> None:
         """Wait for every rank's reply; a death or an error stops all ranks and raises."""

@@ -53,8 +53,9 @@ class RankEngine:
         self.weights = canonical(_load_rank_weights(folder, nc, text, skeleton, rank, token))
         self.caches = {name: torch.zeros_like(t) for name, t in cache_tensors(skeleton).items()}
 
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.prefill_programs[ids.shape[1]](self.weights, self.caches, ids, mask)
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """One prompt `[1, bucket]` into cache row `slot` `[1]`."""
+        return self.prefill_programs[ids.shape[1]](self.weights, self.caches, ids, mask, slot)
 
     def decode(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.decode_program(self.weights, self.caches, ids, positions)

@@ -43,7 +43,19 @@ SOURCES = tuple(
     for name in ("skinny_linear.cpp", "screened_linear.cpp", "decode_attention.cpp", "dense.cpp")
 )
 HEADERS = (HERE / "vector.h", HERE / "linear_shapes.h", HERE / "row_products.h")
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
+# The most input rows one call of the few-row products takes (screened_linear's limit;
+# skinny_linear takes more in blocks of this size). The C++ side reads it from FLAGS.
+MAX_ROWS = 8
+FLAGS = (
+    "-O3",
+    "-mavx2",
+    "-mfma",
+    "-fopenmp",
+    "-std=c++17",
+    "-shared",
+    "-fPIC",
+    f"-DOPTIMUM_GEMMA3_MAX_ROWS={MAX_ROWS}",
+)
 # The CPU features FLAGS compile for, recorded with a profile that calls the kernels.
 REQUIRED_ISA = "avx2+fma"
 # CPU capabilities (torch.backends.cpu.get_cpu_capability) that have AVX2 and FMA.

@@ -1,13 +1,14 @@
 // Few-row products x @ w.T with fp32 sums, shared by skinny_linear and screened_linear.
 //
-// Both kernels must give a weight row the same sum for the same input rows, bit for bit:
+// Both kernels must give a weight row the same sum for the same input row, bit for bit:
 // screened_linear recomputes some of skinny_linear's outputs and promises equality. So
-// the summation order lives here once: it depends only on M (the input rows multiplied
-// together), never on which weight rows a call covers.
+// the summation order lives here once: it depends on nothing but K, never on which weight
+// rows a call covers or how many input rows it multiplies.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 
@@ -16,7 +17,8 @@
 
 namespace optimum_gemma3 {
 
-constexpr int64_t kMaxRows = 8;  // input rows multiplied per pass over the weight
+// Input rows multiplied per call of `multiply` (set from Python: kernels.MAX_ROWS).
+constexpr int64_t kMaxRows = OPTIMUM_GEMMA3_MAX_ROWS;
 
 // Requests the `bytes` of the row ~4 KiB past this one's start. int8 and bf16 rows carry
 // 4x and 2x the elements per byte of fp32 ones, so the loop spends longer per cache line
@@ -66,18 +68,22 @@ void multiply_rows(const float* x, const W* w, float* out, int64_t n0, int64_t n
   }
 }
 
+// Weight rows per block: a block stays in L1/L2 while each pair of input rows reads it, so
+// the weights still stream from memory once per call.
+constexpr int64_t kWeightBlock = 16;
+
+// Every input row's sums have one order (U = 4 accumulators, combined in order), whatever
+// M is: a row's outputs are bit for bit the same alone or among up to kMaxRows others
+// (batch invariance: a request's tokens do not depend on who shares its batch). Rows go
+// in pairs, which share each weight load; an odd last row goes alone, with the same order.
 template <typename W>
 inline void multiply(int64_t M, const float* x, const W* w, float* out, int64_t n0,
                      int64_t n1, int64_t K, int64_t N) {
-  switch (M) {
-    case 1: return multiply_rows<1, 4>(x, w, out, n0, n1, K, N);
-    case 2: return multiply_rows<2, 4>(x, w, out, n0, n1, K, N);
-    case 3: return multiply_rows<3, 2>(x, w, out, n0, n1, K, N);
-    case 4: return multiply_rows<4, 2>(x, w, out, n0, n1, K, N);
-    case 5: return multiply_rows<5, 1>(x, w, out, n0, n1, K, N);
-    case 6: return multiply_rows<6, 1>(x, w, out, n0, n1, K, N);
-    case 7: return multiply_rows<7, 1>(x, w, out, n0, n1, K, N);
-    default: return multiply_rows<8, 1>(x, w, out, n0, n1, K, N);
+  for (int64_t nb = n0; nb < n1; nb += kWeightBlock) {
+    const int64_t ne = std::min(nb + kWeightBlock, n1);
+    int64_t m = 0;
+    for (; m + 2 <= M; m += 2) multiply_rows<2, 4>(x + m * K, w, out + m * N, nb, ne, K, N);
+    if (m < M) multiply_rows<1, 4>(x + m * K, w, out + m * N, nb, ne, K, N);
   }
 }
 

@@ -1,0 +1,77 @@
+"""A quiet front door: the warnings of other libraries that say nothing true about the
+user's model are silenced, exactly those; the first call does no load-time work."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import torch
+
+from optimum_gemma3.compiler.cpu import CpuBackend
+from optimum_gemma3.quiet import torch_treespec_deprecation_silenced
+from tests.conftest import REPO
+from tests.test_kernels import needs_kernels
+
+SILENCED = ("It seems this is running on a CPU-only machine", "No major for neuron device")
+
+
+def test_importing_the_package_prints_no_neuron_device_probe_but_keeps_other_warnings():
+    code = "import warnings, optimum_gemma3; warnings.warn('a warning of the user')"
+    result = subprocess.run(
+        [sys.executable, "-W", "default", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not [text for text in SILENCED if text in result.stderr], result.stderr
+    assert "a warning of the user" in result.stderr
+
+
+def test_treespec_deprecation_is_silenced_and_nothing_else():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch_treespec_deprecation_silenced():
+            warnings.warn(
+                "`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning, stacklevel=1
+            )
+            warnings.warn("another deprecation", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["another deprecation"]
+
+
+class Double(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * x
+
+
+@needs_kernels  # the cpu backend loads its kernels with every program
+def test_cpu_backend_compiles_and_loads_without_treespec_warnings(tmp_path):
+    backend = CpuBackend()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        backend.compile(Double(), (torch.ones(3),), tmp_path / "double.pt2")
+        program = backend.load(tmp_path / "double.pt2")
+    assert torch.equal(program(torch.ones(3)), torch.full((3,), 2.0))
+    assert not [w for w in caught if "LeafSpec" in str(w.message)]
+
+
+def test_the_first_generate_after_load_is_like_any_other(tiny_checkpoints, tmp_path):
+    """Load warms every program up (so the first request is not slower); what the warm-up
+    leaves in the caches must not change any result."""
+    from optimum_gemma3 import Gemma3NeuronModelForCausalLM
+    from tests.test_artifacts import SHAPE
+    from tests.test_parity import left_padded_batch
+
+    source = tiny_checkpoints("4b")
+    config = Gemma3NeuronModelForCausalLM.get_neuron_config(source, instance_type="cpu", **SHAPE)
+    folder = Gemma3NeuronModelForCausalLM.export(source, config).save_pretrained(tmp_path / "m")
+    ids, mask = left_padded_batch(520)
+    first = Gemma3NeuronModelForCausalLM.from_pretrained(folder).generate(
+        ids, mask, max_new_tokens=8
+    )
+    model = Gemma3NeuronModelForCausalLM.from_pretrained(folder)
+    model.generate(ids[:1], mask[:1], max_new_tokens=8)  # leaves other caches behind
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=8), first)
