@@ -121,7 +121,7 @@ def parse_args_gemma3(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="Tensor parallelism degree (only 1 is supported for now).",
+        help="Tensor parallelism degree (cpu: any degree that splits the model; Neuron: 1).",
     )
     optional.add_argument(
         "--implementation",

@@ -199,7 +199,7 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
 
         With `export=True`, the remaining keyword arguments are export options:
         `batch_size`, `sequence_length`, `tensor_parallel_size` (alias `num_cores`),
-        `torch_dtype` (alias `auto_cast_type`: `bf16`, `fp16`, `fp32`), `instance_type`,
+        `torch_dtype` (alias `auto_cast_type`: `bf16`, `fp32`; fp16 is refused), `instance_type`,
         `max_context_length`, `context_encoding_buckets`, `load_weights`.
         """
         if export:
