@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-from optimum.neuron import NeuronModelForCausalLM
 from prepare_270m import ensure_checkpoint
 from transformers import AutoTokenizer
 
@@ -35,6 +34,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(os.cpu_count() or 1)
+
+    # After `import optimum_gemma3`, which imports optimum-neuron without its CPU-only
+    # device-probe warnings (see optimum_gemma3/quiet.py).
+    from optimum.neuron import NeuronModelForCausalLM
 
     model_dir = ensure_checkpoint()
     start = time.perf_counter()
