@@ -34,7 +34,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from optimum_gemma3.accuracy import logits_within_tolerance, token_match
-from optimum_gemma3.graphs import Gemma3Decoder, OpsProfile
+from optimum_gemma3.graphs import Gemma3Decoder
+from optimum_gemma3.graphs.ops import OpsProfile
 from optimum_gemma3.runtime.loop import greedy_generate
 from optimum_gemma3.weights import load_weights
 

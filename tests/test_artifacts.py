@@ -20,7 +20,7 @@ from optimum_gemma3 import Gemma3NeuronConfig, Gemma3NeuronModelForCausalLM
 from optimum_gemma3.artifact.files import ArtifactError
 from optimum_gemma3.compiler.cpu import CpuBackend
 from optimum_gemma3.compiler.neuron import NeuronSdkMissingError
-from optimum_gemma3.graphs import OpsProfile
+from optimum_gemma3.graphs.ops import OpsProfile
 from tests.test_parity import NEW_TOKENS, hf_greedy, left_padded_batch
 from tests.tiny_models import load_reference, save_random_checkpoint
 

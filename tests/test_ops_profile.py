@@ -15,8 +15,8 @@ from optimum_gemma3 import Gemma3NeuronConfig, Gemma3NeuronModelForCausalLM
 from optimum_gemma3.compiler import cache as compile_cache
 from optimum_gemma3.compiler import export
 from optimum_gemma3.compiler.cpu import CpuBackend
-from optimum_gemma3.graphs import OpsProfile, kernels
-from optimum_gemma3.graphs.ops import PLAIN
+from optimum_gemma3.graphs import kernels
+from optimum_gemma3.graphs.ops import PLAIN, OpsProfile
 from tests.test_artifacts import SHAPE
 
 EVERY_FLAG = OpsProfile(

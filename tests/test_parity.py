@@ -11,8 +11,8 @@ import torch
 from transformers import AutoConfig
 
 from optimum_gemma3.accuracy import less_accurate_than
-from optimum_gemma3.graphs import Gemma3Decoder, OpsProfile, layers, text_config
-from optimum_gemma3.graphs.ops import PLAIN
+from optimum_gemma3.graphs import Gemma3Decoder, layers, text_config
+from optimum_gemma3.graphs.ops import PLAIN, OpsProfile
 from optimum_gemma3.runtime.loop import greedy_generate
 from optimum_gemma3.weights import load_weights
 from tests.tiny_models import TEXT_SHAPES, TINY_CONFIGS, load_reference
