@@ -129,7 +129,7 @@ def _listed(manifest_path: Path, folder: Path) -> set[str]:
 def looks_like_unfinished_save(folder: Path) -> bool:
     """A folder a save was interrupted in: no manifest, but a staging folder or programs.
 
-    A save removes the old manifest before it moves any file in and writes the new one
+    A save moves the old manifest away before it moves any file in and writes the new one
     last, so a folder without one is never loaded as a mix of two artifacts."""
     if (folder / NEURON_CONFIG_NAME).exists():
         return False
@@ -154,9 +154,10 @@ def save_artifact(destination: Path, write: Callable[[Path], None]) -> Path:
     destination = Path(destination).absolute()
     refuse_overwriting(destination, [])
     destination.mkdir(parents=True, exist_ok=True)
-    owned = owned_files(destination)  # leftovers of an interrupted save included
-    for leftover in destination.glob(f"{STAGING_PREFIX}*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    # Staging folders of interrupted saves say which files were this project's: kept
+    # until this save has finished, in case it is interrupted too.
+    leftovers = list(destination.glob(f"{STAGING_PREFIX}*"))
+    owned = owned_files(destination)
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=destination))
     try:
         write(staging)
@@ -170,6 +171,8 @@ def save_artifact(destination: Path, write: Callable[[Path], None]) -> Path:
                 os.replace(staging / name, destination / name)
         _remove(destination, owned - set(names))
         os.replace(staging / NEURON_CONFIG_NAME, destination / NEURON_CONFIG_NAME)
+        for leftover in leftovers:
+            shutil.rmtree(leftover, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return destination
