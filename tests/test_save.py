@@ -121,6 +121,43 @@ def test_another_libraries_manifest_is_not_taken_for_ours(models, tmp_path):
         model.save_pretrained(folder)
 
 
+def test_a_manifest_naming_files_outside_the_folder_is_refused(models, tmp_path):
+    """A forged or edited manifest cannot make a save delete or overwrite a file elsewhere."""
+    two_buckets, one_bucket = models
+    folder = two_buckets.save_pretrained(tmp_path / "out")
+    victims = {tmp_path / "victim.txt": "not the model's", tmp_path / "elsewhere.txt": "mine"}
+    for path, text in victims.items():
+        path.write_text(text)
+    manifest = json.loads((folder / "neuron_config.json").read_text())
+    manifest["artifact_files"].update(
+        {"../victim.txt": None, str(tmp_path / "elsewhere.txt"): None}
+    )
+    (folder / "neuron_config.json").write_text(json.dumps(manifest))
+    before = {name: (folder / name).read_bytes() for name in files_below(folder)}
+    with pytest.raises(ArtifactError, match="outside the folder"):
+        one_bucket.save_pretrained(folder)  # would remove the names it lists and lacks
+    assert {name: (folder / name).read_bytes() for name in files_below(folder)} == before
+    assert all(path.read_text() == text for path, text in victims.items())
+
+
+def test_a_save_interrupted_before_its_first_move_owns_nothing(models, tmp_path):
+    """Killed while staging, a save leaves its new manifest in its staging folder, but none
+    of its files in the folder: a file of a name it lists, made later, is the user's."""
+    two_buckets, one_bucket = models
+    source = two_buckets.save_pretrained(tmp_path / "source")
+    folder = one_bucket.save_pretrained(tmp_path / "out")
+    staging = folder / ".optimum-gemma3-save-interrupted"
+    staging.mkdir()
+    (staging / "neuron_config.json").write_bytes((source / "neuron_config.json").read_bytes())
+    mine = folder / "compiled/prefill_32.pt2"
+    mine.write_text("the user's, though the staging manifest lists the name")
+    one_bucket.save_pretrained(folder)  # the name is not its: kept
+    assert mine.read_text().startswith("the user's")
+    with pytest.raises(ArtifactError, match="compiled/prefill_32.pt2"):
+        two_buckets.save_pretrained(folder)  # would overwrite it: refused
+    assert mine.read_text().startswith("the user's")
+
+
 KILLED_SAVE = """
 import os, signal, sys
 from optimum_gemma3 import Gemma3NeuronModelForCausalLM

@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ..paths import replaced_atomically
 
@@ -104,12 +104,18 @@ def files_below(folder: Path) -> list[str]:
 
 def owned_files(folder: Path) -> set[str]:
     """The files of `folder` this project wrote: those its manifest (`neuron_config.json`)
-    lists, and those an interrupted save was writing there (the manifests it left in its
-    staging folder). None for a manifest written by anything else (optimum-neuron's own
-    exports use the same file name)."""
+    lists; without one, those an interrupted save was writing there (the manifests it left
+    in its staging folder). None for a manifest written by anything else (optimum-neuron's
+    own exports use the same file name).
+
+    A save moves files in only once the folder's manifest is gone and lists them all in
+    the manifest it writes last, so a folder that has one owns nothing else: the staging
+    manifest of a save interrupted before its first move names files never written here,
+    and a user's file of that name is the user's."""
     manifests = [folder / NEURON_CONFIG_NAME]
-    for staging in folder.glob(f"{STAGING_PREFIX}*"):
-        manifests += [staging / NEURON_CONFIG_NAME, staging / PREVIOUS_MANIFEST]
+    if not manifests[0].exists():
+        for staging in folder.glob(f"{STAGING_PREFIX}*"):
+            manifests += [staging / NEURON_CONFIG_NAME, staging / PREVIOUS_MANIFEST]
     return set().union(*(_listed(manifest, folder) for manifest in manifests))
 
 
@@ -121,9 +127,22 @@ def _listed(manifest_path: Path, folder: Path) -> set[str]:
     if not isinstance(manifest, dict) or manifest.get("_serialized_key") != MANIFEST_KEY:
         return set()
     listed = set(manifest.get("artifact_files") or {})
+    escaping = sorted(name for name in listed if not _inside_folder(name))
+    if escaping:  # a save would replace or delete them, and a copy read them
+        raise ArtifactError(
+            f"{manifest_path} lists {', '.join(map(repr, escaping))}, outside the folder: "
+            "optimum-gemma3 writes only files inside it, so this manifest was edited or "
+            "forged. Nothing was changed; remove the folder's model files and export again."
+        )
     if CONFIG_NAME not in listed:  # an earlier release's manifest
         listed |= {name for name in ALWAYS_WRITTEN if (folder / name).is_file()}
     return listed | {NEURON_CONFIG_NAME}
+
+
+def _inside_folder(name: str) -> bool:
+    """Whether a manifest's name is a relative path that stays inside its folder."""
+    path = PurePosixPath(name)
+    return bool(path.parts) and not path.is_absolute() and ".." not in path.parts
 
 
 def looks_like_unfinished_save(folder: Path) -> bool:
