@@ -57,6 +57,8 @@ FLAGS = (
     "--implementation",
     "output",
 )
+# Files of the user's in the export's output folder, which the export keeps.
+USER_FILES = {"notes.txt": "mine", "compiled/my-notes.txt": "beside the programs"}
 NOT_INSTALLED = (
     "optimum-cli does not see register_gemma3.py: reinstall the package "
     "(`pip install -e .`) so optimum/commands/register is installed."
@@ -220,9 +222,13 @@ def test_output_swallowed_by_buckets_is_explained(parse, capsys):
 
 @pytest.fixture(scope="module")
 def cli_export(tiny_checkpoints, tmp_path_factory):
-    """`optimum-cli export neuron` of the 4b-shaped tiny model, fp32, test_artifacts' shapes."""
+    """`optimum-cli export neuron` of the 4b-shaped tiny model, fp32, test_artifacts' shapes,
+    into a folder that already holds a user's files."""
     source = tiny_checkpoints("4b")
     output = tmp_path_factory.mktemp("cli") / "tiny-4b"
+    for name, text in USER_FILES.items():
+        (output / name).parent.mkdir(parents=True, exist_ok=True)
+        (output / name).write_text(text)
     result = optimum_cli("export", "neuron", "--model", str(source), *SHAPE_ARGS, str(output))
     assert result.returncode == 0, result.stderr[-3000:]
     return source, output, result
@@ -237,6 +243,7 @@ def test_cli_export_generates_transformers_tokens(cli_export):
     assert (recorded["batch_size"], recorded["sequence_length"]) == (3, 128)
     assert recorded["context_encoding_buckets"] == [16, 32]
     assert (output / "model.safetensors").is_file()
+    assert {name: (output / name).read_text() for name in USER_FILES} == USER_FILES  # kept
 
     model = Gemma3NeuronModelForCausalLM.from_pretrained(output)
     ids, mask = left_padded_batch(520)  # prompts of 5, 23, 14 tokens: buckets 16 and 32
