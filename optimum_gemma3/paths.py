@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,15 +23,15 @@ def replaced_atomically(path: Path) -> Iterator[Path]:
 
     Why: a reader (another process, or this one after a crash) sees the old file or the
     whole new one, never a truncated one; the rename is atomic because both names are in
-    one folder, on one filesystem.
+    one folder, on one filesystem. The block creates the file, so it gets the permissions
+    any new file gets (a `mkstemp` file is private, and a saved model's manifest or card
+    would stay unreadable to other users); the random name keeps writers apart.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
-    os.close(fd)
+    temporary = path.with_name(f".tmp-{path.name}-{os.getpid()}-{secrets.token_hex(8)}")
     try:
-        yield Path(temporary)
+        yield temporary
         os.replace(temporary, path)
     finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+        temporary.unlink(missing_ok=True)

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
 # The same shape as tests/test_artifacts.py: the compile cache already holds its programs.
 NEW_TOKENS = 24
+# Files a push rewrites, and a file created the ordinary way: their permissions match.
+CARD_AND_PROBE = ("README.md", "neuron_config.json", "probe")
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +79,10 @@ def test_push_then_load_through_the_hf_cache(exported, local_hub: LocalHub, tmp_
     files = set(list_repo_files(repo_id, token=token))
     assert ARTIFACT_FILES | {"README.md", ".gitattributes"} == files
     assert (tmp_path / "push" / "README.md").is_file()  # the pushed folder holds the card too
+    # Rewritten by rename, the card and manifest get a new file's permissions, not private.
+    (tmp_path / "push" / "probe").write_text("")
+    modes = {name: oct((tmp_path / "push" / name).stat().st_mode) for name in CARD_AND_PROBE}
+    assert len(set(modes.values())) == 1, modes
 
     card = ModelCard.load(repo_id, token=token)
     assert card.data.library_name == "optimum-neuron"
@@ -190,6 +196,21 @@ def test_push_replaces_stale_artifacts_and_reuses_a_saved_folder(
     assert (folder / "notes.txt").is_file()
     assert {"LICENSE", "README.md"} | ARTIFACT_FILES <= files
     assert local_hub.unhandled == []
+
+
+def test_a_users_readme_in_the_push_folder_is_refused_before_saving(
+    exported, local_hub: LocalHub, tmp_path: Path
+):
+    """Pushing writes the model card there: a README.md this project did not write stops
+    the push before the model is saved beside it."""
+    model, _ = exported
+    folder = tmp_path / "push"
+    folder.mkdir()
+    (folder / "README.md").write_text("my own notes")
+    with pytest.raises(ArtifactError, match="README.md"):
+        model.push_to_hub(folder, "testuser/refused", token=local_hub.token)
+    assert [path.name for path in folder.iterdir()] == ["README.md"]
+    assert (folder / "README.md").read_text() == "my own notes"
 
 
 def test_push_without_a_stored_token_says_log_in(exported, local_hub: LocalHub, tmp_path):

@@ -48,10 +48,12 @@ from ..artifact.files import (
     ArtifactError,
     add_to_manifest,
     owned_files,
+    refuse_overwriting,
     weights_name,
 )
 from ..compiler import backend_for_target
 from ..constants import TASK
+from ..paths import replaced_atomically
 
 if TYPE_CHECKING:
     from ..artifact.neuron_config import Gemma3NeuronConfig
@@ -208,19 +210,15 @@ def _target_text(target: str) -> str:
 
 
 def write_model_card(folder: Path, card: ModelCard) -> Path:
-    """Write README.md into `folder` and list it in the manifest, replacing (never writing
-    through) a symlinked one, as found in an HF cache snapshot, whose target is a shared
-    cache blob. A README.md this project did not write is refused, not overwritten."""
-    path = folder / MODEL_CARD_NAME
-    if (path.exists() or path.is_symlink()) and MODEL_CARD_NAME not in owned_files(folder):
-        raise ArtifactError(
-            f"{path} was not written by optimum-gemma3, and pushing writes the model card "
-            "there: move it away or push from another save_directory."
-        )
-    path.unlink(missing_ok=True)
-    card.save(path)
+    """Write README.md into `folder` by rename, so a symlinked one (as in an HF cache
+    snapshot) is replaced, never written through into a shared cache blob. A README.md
+    this project did not write is refused, not overwritten. Listed in the manifest first:
+    interrupted in between, the next push still knows the card is its own."""
+    refuse_overwriting(folder, [MODEL_CARD_NAME])
     add_to_manifest(folder, [MODEL_CARD_NAME])
-    return path
+    with replaced_atomically(folder / MODEL_CARD_NAME) as temporary:
+        card.save(temporary)
+    return folder / MODEL_CARD_NAME
 
 
 def has_tokenizer_files(folder: Path) -> bool:

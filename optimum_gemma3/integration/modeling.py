@@ -25,7 +25,13 @@ from transformers.generation import (
     StoppingCriteriaList,
 )
 
-from ..artifact.files import copy_files, owned_files, save_artifact
+from ..artifact.files import (
+    MODEL_CARD_NAME,
+    copy_files,
+    owned_files,
+    refuse_overwriting,
+    save_artifact,
+)
 from ..artifact.neuron_config import Gemma3NeuronConfig
 from ..compiler import TARGETS
 from ..compiler.export import export_to_folder
@@ -277,6 +283,8 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
 
         Returns the URL of the commit, `{endpoint}/{repo_id}/commit/{sha}`.
         """
+        # A README.md of the user's there is refused before the model is saved beside it.
+        refuse_overwriting(Path(save_directory).absolute(), [MODEL_CARD_NAME])
         folder = self.save_pretrained(save_directory)
         return hub.push_folder(
             folder,
