@@ -13,6 +13,7 @@ import pytest
 
 from optimum_gemma3 import Gemma3NeuronModelForCausalLM
 from optimum_gemma3.artifact.files import ArtifactError, files_below
+from optimum_gemma3.paths import replaced_atomically
 from tests.conftest import REPO
 from tests.test_artifacts import SHAPE
 
@@ -156,6 +157,19 @@ def test_a_save_interrupted_before_its_first_move_owns_nothing(models, tmp_path)
     with pytest.raises(ArtifactError, match="compiled/prefill_32.pt2"):
         two_buckets.save_pretrained(folder)  # would overwrite it: refused
     assert mine.read_text().startswith("the user's")
+
+
+def test_a_file_replaced_atomically_is_whole_or_untouched(tmp_path):
+    """The one temp-then-rename write (manifest, model card, compile cache, kernels)."""
+    path = tmp_path / "neuron_config.json"
+    path.write_text("old")
+    with pytest.raises(RuntimeError), replaced_atomically(path) as temporary:
+        temporary.write_text("half of the n")
+        raise RuntimeError("interrupted")
+    assert path.read_text() == "old" and files_below(tmp_path) == [path.name]
+    with replaced_atomically(path) as temporary:
+        temporary.write_text("new")
+    assert path.read_text() == "new" and files_below(tmp_path) == [path.name]
 
 
 KILLED_SAVE = """
