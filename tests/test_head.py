@@ -221,14 +221,16 @@ def test_screened_linear_refuses_bad_inputs():
 
 
 @needs_kernels
-def test_host_head_screens_few_rows_and_computes_many_in_full():
+def test_host_head_screens_any_number_of_rows():
+    """Past `screened_linear`'s row limit the head screens in blocks of rows."""
     head = HostHead(torch.randn(700, 64), OpsProfile.for_host())
-    few = torch.randn(2, 64)
-    logits, floor = head.next_token_logits(few).near_top(1)
-    assert torch.isinf(logits).any() and torch.isfinite(floor).all()
-    many = torch.randn(SKINNY_MAX_ROWS + 1, 64)
-    logits, floor = head.next_token_logits(many).near_top(1)
-    assert torch.equal(logits, head.logits(many)) and (floor == -torch.inf).all()
+    for rows in (2, 2 * SKINNY_MAX_ROWS + 1):
+        hidden = torch.randn(rows, 64)
+        logits, floor = head.next_token_logits(hidden).near_top(1)
+        assert logits.shape == (rows, 700) and floor.shape == (rows,)
+        assert torch.isfinite(logits).any(-1).all() and torch.isfinite(floor).all()
+        assert torch.isinf(logits).any(-1).all()  # screened: most logits not computed
+        assert torch.equal(logits.argmax(-1), head.logits(hidden).argmax(-1))
 
 
 # -- the token loop's choice ---------------------------------------------------------------
@@ -419,13 +421,14 @@ def test_other_steps_read_every_logit(kwargs):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_rows_head_logits_do_not_depend_on_the_other_rows(dtype):
     """Batch invariance of the host head, in full and screened: a row's logits are the same
-    bits alone and among up to 7 other rows (screened: every logit selection can pick)."""
+    bits alone and among other rows, up to and past the kernels' row limit (screened: every
+    logit selection can pick)."""
     generator = torch.Generator().manual_seed(3)
     weight = torch.randn(2000, 128, generator=generator).to(dtype)
     head = HostHead(weight, OpsProfile.for_host())
     row = torch.randn(1, 128, generator=generator).to(dtype)
     alone = head.next_token_logits(row)
-    for rows in range(2, SKINNY_MAX_ROWS + 1):
+    for rows in range(2, 2 * SKINNY_MAX_ROWS + 2):
         batch = torch.cat([torch.randn(rows - 1, 128, generator=generator).to(dtype), row])
         shared = head.next_token_logits(batch)
         assert torch.equal(shared.full()[-1], alone.full()[0]), rows

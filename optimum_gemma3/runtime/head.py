@@ -29,9 +29,9 @@ class HostHead:
 
     Holds an int8 copy of the weight with one scale per row (`quantize_rows`), made at
     load: a quarter of the fp32 head's memory (168 MB for Gemma-3's vocabulary at 640
-    features). `ops` is the artifact's recorded profile, so the full product is the one
-    its programs would have computed; without its CPU kernels there is no screening, only
-    the full product.
+    features). `ops` is the artifact's recorded profile; without its CPU kernels there is
+    no screening, only the full product. With them, a row's logits do not depend on the
+    other rows it is computed with (batch invariance), at any number of rows.
     """
 
     def __init__(self, weight: torch.Tensor, ops: OpsProfile):
@@ -45,23 +45,32 @@ class HostHead:
             )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Every logit, by the product the program itself would have used."""
+        """Every logit. With the kernels, by `skinny_linear` whatever the number of rows: it
+        sums each row in one order, so a row's logits are the same bits alone or in a batch
+        of any size (the product `linear` picks past `SKINNY_MAX_ROWS` rows sums in
+        another order). Without them, by the product the profile picks."""
+        if self.ops.skinny_linear:
+            return torch.ops.optimum_gemma3.skinny_linear(hidden, self.weight)
         return linear(hidden, self.weight, self.ops)
 
     def screened(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`NextTokenLogits.near_top(k)` by `screened_linear` (needs the kernels, and at most
-        `SKINNY_MAX_ROWS` rows: the full product is then `skinny_linear`, whose sums the
-        screen reproduces). A k beyond the vocabulary asks for every token, as top-k does.
-        Where the screen's bound cannot hold (a sum could overflow), every logit and a floor
-        of -inf, as a head that cannot screen answers."""
+        """`NextTokenLogits.near_top(k)` by `screened_linear` (needs the kernels), in blocks
+        of at most `SKINNY_MAX_ROWS` rows (its limit); its exact logits reproduce
+        `skinny_linear`'s sums. A k beyond the vocabulary asks for every token, as top-k
+        does. Where the screen's bound cannot hold (a sum could overflow), every logit and a
+        floor of -inf, as a head that cannot screen answers."""
         k = min(k, self.weight.shape[0])
-        return torch.ops.optimum_gemma3.screened_linear(hidden, self.weight, *self.screen, k=k)
+        blocks = [
+            torch.ops.optimum_gemma3.screened_linear(block, self.weight, *self.screen, k=k)
+            for block in hidden.split(SKINNY_MAX_ROWS)
+        ]
+        logits, floors = zip(*blocks, strict=True)
+        return torch.cat(logits), torch.cat(floors)
 
     def next_token_logits(self, hidden: torch.Tensor) -> NextTokenLogits:
-        """The logits of `hidden`, screened for `near_top` where `screened` applies (else
-        `NextTokenLogits` answers `near_top` with every logit)."""
-        can_screen = self.screen is not None and hidden.shape[0] <= SKINNY_MAX_ROWS
+        """The logits of `hidden`, screened for `near_top` where the kernels are loaded
+        (else `NextTokenLogits` answers `near_top` with every logit)."""
         return NextTokenLogits(
             lambda: self.logits(hidden),
-            (lambda k: self.screened(hidden, k)) if can_screen else None,
+            (lambda k: self.screened(hidden, k)) if self.screen is not None else None,
         )
