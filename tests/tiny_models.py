@@ -94,6 +94,16 @@ TEXT_SHAPES = {
         rope_scaling=LINEAR_X8,
     ),
 }
+# Not a Gemma-3 size: the 270m shape cut to the fewest layers that hold both kinds of
+# attention, for tests that compile several programs to check the runtime, not a size.
+# Kept out of TINY_CONFIGS, which the parity tests run one by one.
+TWO_LAYERS = {
+    "2-layer": dict(
+        TEXT_SHAPES["270m"],
+        num_hidden_layers=2,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+}
 # Multimodal `gemma3` checkpoints: text decoder under `text_config`, weights either as
 # transformers 4.57 saves them (`model.language_model.*`) or as originally published
 # (`language_model.model.*`).
@@ -102,8 +112,8 @@ TINY_CONFIGS = (*TEXT_SHAPES, *MULTIMODAL)
 
 
 def make_config(name: str):
-    if name in TEXT_SHAPES:
-        return Gemma3TextConfig(**COMMON, **TEXT_SHAPES[name])
+    if name in TEXT_SHAPES or name in TWO_LAYERS:
+        return Gemma3TextConfig(**COMMON, **{**TEXT_SHAPES, **TWO_LAYERS}[name])
     vision = SiglipVisionConfig(
         hidden_size=32,
         intermediate_size=64,
