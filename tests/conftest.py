@@ -33,7 +33,7 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
-    """Lazily saved random checkpoints, one folder per name in TINY_CONFIGS."""
+    """Lazily saved random checkpoints, one folder per name `make_config` knows."""
     root = tmp_path_factory.mktemp("tiny")
     cache: dict[str, Path] = {}
 
