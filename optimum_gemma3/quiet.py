@@ -7,9 +7,12 @@ true about the user's model, silenced by category and message; every other warni
 - optimum-neuron's device probe at its import on a host without a Neuron device: the
   "running on a CPU-only machine, so we override the platform target" warning and the
   "No major for neuron device" error log. Neither concerns the `cpu` target: silenced while
-  this package imports optimum-neuron (on a Neuron host neither is raised).
+  this package imports optimum-neuron (on a Neuron host neither is raised). Not under
+  `optimum-cli`: optimum-neuron replaces optimum's `optimum/commands/env.py`, which
+  `optimum_cli.py` imports at its top, so the probe runs before any plugin is loaded.
 (transformers' "incorrect regex pattern" warning had a cause in the converted 270M's
-tokenizer, a no-op pre-tokenizer: `scripts/prepare_270m.py` no longer writes it.)
+tokenizer, a no-op pre-tokenizer: `scripts/prepare_270m.py` does not write it, and
+tests/test_real_model.py checks that loading the tokenizer warns of nothing.)
 """
 
 from __future__ import annotations

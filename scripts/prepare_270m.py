@@ -236,7 +236,7 @@ def _sentencepiece_model(gguf: pathlib.Path) -> bytes:
     from gguf import GGUFReader
     from sentencepiece import sentencepiece_model_pb2 as spm
 
-    fields = GGUFReader(gguf).fields  # slow (~20 s): it parses every token's metadata
+    fields = GGUFReader(gguf).fields  # slow: it parses every token's metadata
     tokens, scores, types = (
         fields[f"tokenizer.ggml.{key}"].contents() for key in ("tokens", "scores", "token_type")
     )

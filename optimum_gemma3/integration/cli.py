@@ -88,7 +88,9 @@ def parse_args_gemma3(parser: argparse.ArgumentParser) -> None:
         help="Model ID on huggingface.co or path on disk to load the model from.",
     )
     required.add_argument(
-        "output", type=Path, help="Folder to write the compiled model to (replaced whole)."
+        "output",
+        type=Path,
+        help="Folder to write the compiled model into (other files in it are kept).",
     )
 
     optional = parser.add_argument_group("Optional arguments")

@@ -63,12 +63,13 @@ class Gemma3Runtime:
         self._warm_up()
 
     def _warm_up(self) -> None:
-        """Run the smallest prefill, the decode step and the head once, at load.
+        """Run the smallest prefill, the decode step and the head once, at load, then zero
+        the caches.
 
         Why: the first call of a program pays for its lazy set-up and for reading the
         memory-mapped weights in from disk; done here, the first request is as fast as the
-        rest. What it writes into the caches is never read: a prefill overwrites every
-        slot of its row and decode reads only slots written since.
+        rest. Zeroing leaves the caches as loading made them, so no request can depend on
+        the warm-up's dummy tokens.
         """
         with torch.inference_mode():
             ids = torch.full((1, self.buckets[0]), self.pad_token_id)
@@ -76,6 +77,7 @@ class Gemma3Runtime:
             self._next_token_logits(hidden).near_top(1)
             ids = torch.full((self.batch_size, 1), self.pad_token_id)
             self.engine.decode(ids, torch.zeros(self.batch_size, dtype=torch.long))
+            self.engine.zero_caches()
 
     def close(self) -> None:
         """Stop the rank processes of a tensor-parallel model (also done when collected)."""

@@ -72,7 +72,7 @@ def _rank_main(rank: int, degree: int, folder: str, token, store: str, conn, log
                 break
             try:
                 out = getattr(engine, command)(*args)
-                if rank == 0:
+                if rank == 0 and out is not None:
                     logits[: out.shape[0]].copy_(out)
                 conn.send(("ok", None))
             except Exception:
@@ -151,10 +151,18 @@ class RankPool:
     def decode(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self._call("decode", ids, positions)
 
+    def zero_caches(self) -> None:
+        self._run("zero_caches")
+
     def close(self) -> None:
         self._stop()
 
     def _call(self, command: str, *args: torch.Tensor) -> torch.Tensor:
+        """Run `command` on every rank; rank 0's output rows, one per row of `args[0]`."""
+        self._run(command, *args)
+        return self._logits[: args[0].shape[0]].clone()
+
+    def _run(self, command: str, *args: torch.Tensor) -> None:
         if not self._stop.alive:
             raise TensorParallelError(
                 "The tensor-parallel ranks of this model were stopped (closed, or a rank "
@@ -166,7 +174,6 @@ class RankPool:
             except OSError:  # a dead rank's pipe: its sentinel reports it below
                 pass
         self._collect(command)
-        return self._logits[: args[0].shape[0]].clone()
 
     def _collect(self, command: str) -> None:
         """Wait for every rank's reply; a death or an error stops all ranks and raises."""

@@ -60,6 +60,11 @@ class RankEngine:
     def decode(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.decode_program(self.weights, self.caches, ids, positions)
 
+    def zero_caches(self) -> None:
+        """Every cache back to the zeros it was loaded with (after the load-time warm-up)."""
+        for cache in self.caches.values():
+            cache.zero_()
+
     def close(self) -> None:
         """Nothing to stop: the programs and tensors go with the object."""
 

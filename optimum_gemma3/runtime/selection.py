@@ -40,9 +40,9 @@ MASKING_PROCESSORS = (
 # underflow and overflow; so the left-out tokens stay below the k-th largest score.
 SCREENED_TEMPERATURES = (1e-4, 1e4)
 # Above this top_k, sampling computes every logit. The screen computes about 2-4 k logits
-# exactly, so its gain shrinks with k: on the real 270M's head (fp32, one row), k = 64
-# took 13.4 ms and 198 exact logits, k = 1024 14.5 ms and 2486, k = 4096 21.9 ms and
-# 8547, against 33.3 ms for every logit. Larger top_k values are rare and unmeasured.
+# exactly, so its gain shrinks with k: on the real 270M's head, k = 1024 still costs
+# under half of every logit and k = 4096 about two thirds (docs/performance.md). Larger
+# top_k values are rare and unmeasured.
 MAX_SCREENED_TOP_K = 1024
 
 
@@ -123,8 +123,8 @@ def first_argmax(scores: torch.Tensor) -> torch.Tensor:
     """`scores.argmax(-1)` of `[rows, V]` scores, the same indices (each row's first
     largest, a NaN counting as largest), found through the maxima of about sqrt(V) blocks.
 
-    Why: torch's argmax over one 262144-wide row is a scalar loop (0.29 ms per row here)
-    and amax a vectorized one; this takes 0.09 ms for one row, 0.18 ms for four. The block
+    Why: torch's argmax over one 262144-wide row is a scalar loop and amax a vectorized
+    one; this is about 3x faster for one row and 7x for four. The block
     holding a row's first largest is the first block whose maximum equals it (amax
     propagates NaN as argmax ranks it), and within it argmax finds the same index.
     """

@@ -28,7 +28,7 @@ only when `optimum.neuron.utils.is_neuronx_available()` is true, i.e. only when
 Cost at `optimum-cli` start-up: importing this module runs only stdlib code and
 `optimum.commands` (argparse). The SDK probe copies `is_neuronx_available()` (a
 `find_spec` and a metadata lookup) instead of calling it, because importing
-`optimum.neuron.utils` imports transformers and torch (~5 s). `REGISTER_COMMANDS` is
+`optimum.neuron.utils` imports transformers and torch (seconds). `REGISTER_COMMANDS` is
 resolved on first access (PEP 562 module `__getattr__`): the command class lives in
 `optimum_gemma3`, whose package import loads torch, and on SDK hosts it is never needed.
 If `optimum_gemma3` cannot be imported, a warning is logged and nothing is registered, so
