@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import threading
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ from ..compiler.export import export_to_folder
 from ..compiler.neuron import missing_sdk_packages
 from ..constants import OPTIMUM_GEMMA3
 from ..graphs import text_config
+from ..runtime.batching import Sampling
 from ..runtime.engine import Gemma3Runtime
 from ..runtime.loop import decode_loop
 from ..weights import resolve_checkpoint
@@ -49,6 +51,17 @@ logger = logging.getLogger(__name__)
 DEFAULT_SEQUENCE_LENGTH = 4096
 # Model inputs transformers' Gemma-3 text model ignores too (no token types without images).
 IGNORED_MODEL_INPUTS = ("token_type_ids",)
+
+
+@dataclass
+class PreparedGeneration:
+    """What transformers' preparation makes of one `generate()` call."""
+
+    config: GenerationConfig
+    attention_mask: torch.Tensor
+    max_new_tokens: int
+    logits_processor: LogitsProcessorList
+    stopping_criteria: StoppingCriteriaList
 
 
 def target_for_instance_type(instance_type: str | None) -> str:
@@ -103,12 +116,14 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
         max_context_length: int | None = None,
         context_encoding_buckets: list[int] | None = None,
         implementation: str | None = None,
+        continuous_batching: bool | None = None,
     ) -> Gemma3NeuronConfig:
         """A validated export config for `model_name_or_path`, with automatic defaults.
 
         `implementation` is the auto class's choice between this class and optimum-neuron's
         own Gemma-3 (`optimum_gemma3.integration.registry`); this class compiles with
-        optimum-gemma3, so only that value (or None) is accepted here.
+        optimum-gemma3, so only that value (or None) is accepted here. `continuous_batching`
+        defaults, as in optimum-neuron, to `batch_size > 1`.
         """
         if implementation not in (None, OPTIMUM_GEMMA3):
             raise ValueError(
@@ -122,10 +137,14 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
         text = text_config(config)
         if sequence_length is None:
             sequence_length = min(text.max_position_embeddings, DEFAULT_SEQUENCE_LENGTH)
+        batch_size = 1 if batch_size is None else batch_size
+        if continuous_batching is None:
+            continuous_batching = batch_size > 1
         neuron_config = Gemma3NeuronConfig(
             checkpoint_id=str(model_name_or_path),
             checkpoint_revision=revision,
-            batch_size=1 if batch_size is None else batch_size,
+            batch_size=batch_size,
+            continuous_batching=continuous_batching,
             sequence_length=sequence_length,
             max_context_length=max_context_length,
             tp_degree=1 if tensor_parallel_size is None else tensor_parallel_size,
@@ -333,6 +352,115 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
         Concurrent calls are safe: they run one at a time (the model holds one set of KV
         caches), each returning what it would alone.
         """
+        prepared = self._prepare_generation(
+            input_ids,
+            attention_mask,
+            generation_config,
+            logits_processor,
+            stopping_criteria,
+            tokenizer,
+            prefix_allowed_tokens_fn,
+            use_model_defaults,
+            kwargs,
+        )
+        generation_config = prepared.config
+        as_dict = generation_config.return_dict_in_generate
+        # The whole call holds the lock: every step reads and writes the runtime's caches.
+        with self._generate_lock, torch.inference_mode():
+            output = decode_loop(
+                self.runtime.prefill,
+                self.runtime.decode,
+                input_ids,
+                prepared.attention_mask,
+                prepared.max_new_tokens,
+                pad_token_id=int(generation_config._pad_token_tensor),
+                eos_token_id=generation_config.eos_token_id,
+                logits_processor=prepared.logits_processor,
+                stopping_criteria=prepared.stopping_criteria,
+                do_sample=generation_config.do_sample,
+                streamer=streamer,
+                output_logits=as_dict and bool(generation_config.output_logits),
+                output_scores=as_dict and generation_config.output_scores,
+            )
+        if not as_dict:
+            return output.sequences
+        return GenerateDecoderOnlyOutput(
+            sequences=output.sequences,
+            scores=output.scores if generation_config.output_scores else None,
+            logits=output.raw_logits if generation_config.output_logits else None,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        seq_ids: torch.Tensor | None = None,
+        sampling_params: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """optimum-neuron's model entry point, as its vLLM runner calls it: fp32 logits
+        `[rows, 1, V]` of the next token of each row, whose KV cache row is `seq_ids[row]`
+        (default: row i in cache row i).
+
+        Context encoding when the input has more than one token and starts at position 0:
+        each row's prompt fills its cache row (and no other). The real tokens are those
+        whose position counts up from the first position 0, so right padding (vLLM's: pads
+        at position 0) and left padding (optimum-neuron's `generate()`: pads at position 1)
+        both work. Otherwise token generation: one token per row at its position. With
+        `continuous_batching=False` in the export config, every call covers the whole batch
+        in order, as optimum-neuron requires there. `sampling_params` (`[rows, 3]`: top_k,
+        top_p, temperature) is checked and otherwise unused: sampling is on the host
+        (`on_device_sampling=False`), from these logits.
+
+        Shares the cache rows with `generate()`: do not run both on one model at once.
+        """
+        if input_ids.dim() != 2 or position_ids.shape != input_ids.shape:
+            raise ValueError(
+                f"input_ids {tuple(input_ids.shape)} and position_ids "
+                f"{tuple(position_ids.shape)} must both be [rows, tokens]."
+            )
+        rows = input_ids.shape[0]
+        if seq_ids is None:
+            seq_ids = torch.arange(rows)
+        seq_ids = seq_ids.reshape(-1).to(torch.long)
+        if not self.neuron_config.continuous_batching and not torch.equal(
+            seq_ids, torch.arange(self.neuron_config.batch_size)
+        ):
+            raise ValueError(
+                f"seq_ids={seq_ids.tolist()}: this model was exported with "
+                "continuous_batching=False, so every call covers the whole batch "
+                f"(seq_ids 0..{self.neuron_config.batch_size - 1}). Re-export it with "
+                "continuous_batching=True to run requests in their own cache rows."
+            )
+        if sampling_params is not None and tuple(sampling_params.shape) != (rows, 3):
+            raise ValueError(
+                f"sampling_params has shape {tuple(sampling_params.shape)}: expected "
+                f"({rows}, 3), one (top_k, top_p, temperature) per row."
+            )
+        with self._generate_lock, torch.inference_mode():
+            if input_ids.shape[1] > 1 and int(position_ids.min()) == 0:
+                first = (position_ids == 0).long().argmax(-1, keepdim=True)
+                index = torch.arange(input_ids.shape[1])
+                mask = (position_ids == index - first).long()
+                logits = self.runtime.prefill(input_ids, mask, seq_ids)
+            else:
+                logits = self.runtime.decode(input_ids[:, -1], position_ids[:, -1], seq_ids)
+            return logits.full().float()[:, None, :]
+
+    def _prepare_generation(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        generation_config: GenerationConfig | None,
+        logits_processor: LogitsProcessorList | None,
+        stopping_criteria: StoppingCriteriaList | None,
+        tokenizer,
+        prefix_allowed_tokens_fn,
+        use_model_defaults: bool | None,
+        kwargs: dict,
+    ) -> PreparedGeneration:
+        """transformers' preparation of a generation: the config with keyword overrides,
+        refusals by name, special tokens, lengths clamped to the compiled model, and
+        transformers' own logits processors and stopping criteria in its order."""
         kwargs = {key: value for key, value in kwargs.items() if key not in IGNORED_MODEL_INPUTS}
         not_options = sorted(set(kwargs) - generation_config_fields())
         if not_options:
@@ -358,7 +486,6 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
                 input_ids, generation_config, {}
             )
         max_new_tokens = self._prepare_lengths(generation_config, input_ids, attention_mask, kwargs)
-        # transformers' own processors and criteria: same semantics, same order.
         processors = self._get_logits_processor(
             generation_config=generation_config,
             input_ids_seq_length=input_ids.shape[1],
@@ -373,30 +500,37 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
             stopping_criteria=stopping_criteria or StoppingCriteriaList(),
             tokenizer=tokenizer,
         )
-        as_dict = generation_config.return_dict_in_generate
-        # The whole call holds the lock: every step reads and writes the runtime's caches.
-        with self._generate_lock, torch.inference_mode():
-            output = decode_loop(
-                self.runtime.prefill,
-                self.runtime.decode,
-                input_ids,
-                attention_mask,
-                max_new_tokens,
-                pad_token_id=int(generation_config._pad_token_tensor),
-                eos_token_id=generation_config.eos_token_id,
-                logits_processor=processors,
-                stopping_criteria=criteria,
-                do_sample=generation_config.do_sample,
-                streamer=streamer,
-                output_logits=as_dict and bool(generation_config.output_logits),
-                output_scores=as_dict and generation_config.output_scores,
-            )
-        if not as_dict:
-            return output.sequences
-        return GenerateDecoderOnlyOutput(
-            sequences=output.sequences,
-            scores=output.scores if generation_config.output_scores else None,
-            logits=output.raw_logits if generation_config.output_logits else None,
+        return PreparedGeneration(
+            generation_config, attention_mask, max_new_tokens, processors, criteria
+        )
+
+    def request_sampling(
+        self, prompt_ids: list[int], tokenizer=None, seed: int | None = None, **kwargs
+    ) -> Sampling:
+        """One continuous-batching request's settings, prepared as `generate()` prepares a
+        call with the same prompt and keyword arguments (GenerationConfig fields, e.g.
+        `max_new_tokens`, `do_sample`, `temperature`, `top_k`, `top_p`, `stop_strings`
+        with `tokenizer`). `seed` seeds the request's own generator: its draws equal
+        `generate()`'s after `torch.manual_seed(seed)`. Unseeded, it draws from a seed
+        taken from torch's global generator."""
+        input_ids = torch.tensor([prompt_ids], dtype=torch.long)
+        prepared = self._prepare_generation(
+            input_ids, torch.ones_like(input_ids), None, None, None, tokenizer, None, None, kwargs
+        )
+        config = prepared.config
+        eos = config.eos_token_id
+        generator = None
+        if config.do_sample:
+            if seed is None:
+                seed = int(torch.randint(0, 2**63 - 1, ()))
+            generator = torch.Generator().manual_seed(seed)
+        return Sampling(
+            max_new_tokens=prepared.max_new_tokens,
+            do_sample=bool(config.do_sample),
+            logits_processor=prepared.logits_processor,
+            stopping_criteria=prepared.stopping_criteria,
+            eos_token_ids=tuple([eos] if isinstance(eos, int) else eos or ()),
+            generator=generator,
         )
 
     def _prepare_lengths(self, generation_config, input_ids, attention_mask, kwargs) -> int:

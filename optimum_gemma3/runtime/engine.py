@@ -8,13 +8,15 @@ are safetensors with exactly the expected tensors. It compiles nothing and needs
 model source for the programs.
 
 Each rank engine owns its weights and one set of KV caches shared by all its programs;
-callers pass user-sized batches: each prompt is prefilled alone into its cache row, in
-the smallest bucket that holds it, and decode pads the batch up to the compiled size.
+callers pass user-sized batches and, for continuous batching, the cache rows (slots)
+they own: each prompt is prefilled alone into its slot, in the smallest bucket that holds
+it, and decode runs the compiled batch with the other slots idle.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -60,6 +62,9 @@ class Gemma3Runtime:
         self.head = None
         if nc.head_on_host:
             self.head = HostHead(self.engine.weights[head_weight_name(text)], nc.ops_profile)
+        # Per slot, the position its next decoded token takes: where an idle slot's row of
+        # the compiled decode batch writes (see `decode`).
+        self._next_positions = torch.zeros(nc.batch_size, dtype=torch.long)
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -78,6 +83,7 @@ class Gemma3Runtime:
             ids = torch.full((self.batch_size, 1), self.pad_token_id)
             self.engine.decode(ids, torch.zeros(self.batch_size, dtype=torch.long))
             self.engine.zero_caches()
+            self._next_positions.zero_()
 
     def close(self) -> None:
         """Stop the rank processes of a tensor-parallel model (also done when collected)."""
@@ -106,20 +112,24 @@ class Gemma3Runtime:
             "larger context_encoding_buckets / max_context_length / sequence_length."
         )
 
-    def _check_rows(self, rows: int) -> None:
+    def _slots(self, rows: int, slots: Sequence[int] | None) -> torch.Tensor:
+        """The cache rows of `rows` inputs: `slots` checked, or 0..rows-1."""
         if rows > self.batch_size:
             raise ValueError(
                 f"Batch of {rows} rows exceeds the compiled batch_size={self.batch_size}: "
                 "split the batch or re-export with a larger batch_size."
             )
-
-    def _pad_batch(self, tensor: torch.Tensor, fill: int) -> torch.Tensor:
-        rows = tensor.shape[0]
-        self._check_rows(rows)
-        if rows == self.batch_size:
-            return tensor
-        padding = torch.full((self.batch_size - rows, *tensor.shape[1:]), fill, dtype=tensor.dtype)
-        return torch.cat([tensor, padding])
+        if slots is None:
+            return torch.arange(rows)
+        slots = torch.as_tensor(slots, dtype=torch.long).reshape(-1)
+        if len(slots) != rows or len(set(slots.tolist())) != rows:
+            raise ValueError(f"Expected {rows} distinct slots, one per row, got {slots.tolist()}.")
+        if rows and not 0 <= int(slots.min()) <= int(slots.max()) < self.batch_size:
+            raise ValueError(
+                f"Slots {slots.tolist()} are outside this model's cache rows "
+                f"0..{self.batch_size - 1} (batch_size={self.batch_size})."
+            )
+        return slots
 
     def _next_token_logits(self, output: torch.Tensor) -> NextTokenLogits:
         """A program's output rows as logits: its own, or those the head computes from it."""
@@ -127,32 +137,56 @@ class Gemma3Runtime:
             return NextTokenLogits.of(output)
         return self.head.next_token_logits(output)
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> NextTokenLogits:
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        slots: Sequence[int] | None = None,
+    ) -> NextTokenLogits:
         """Logits `[rows, V]` of each prompt's last token, computed as far as they are read;
-        fills cache rows 0..rows-1.
+        fills cache rows `slots` (default 0..rows-1) and no other.
 
         Each prompt runs alone, in the smallest bucket that holds it, into its own cache
-        row: its numbers are the same whichever prompts share the batch (and a request can
-        join a batch being decoded).
+        row: its numbers are the same whichever prompts share the batch, and a request can
+        join a batch being decoded.
         """
-        self._check_rows(input_ids.shape[0])
+        slots = self._slots(input_ids.shape[0], slots)
         outputs = []
-        for row, (ids, mask) in enumerate(zip(input_ids, attention_mask, strict=True)):
-            bucket = self.bucket_for(int(mask.sum()))
-            ids, mask = left_align(ids[None], mask[None], self.pad_token_id, bucket)
-            outputs.append(self.engine.prefill(ids, mask, torch.tensor([row])))
+        for ids, mask, slot in zip(input_ids, attention_mask, slots, strict=True):
+            length = int(mask.sum())
+            ids, mask = left_align(
+                ids[None], mask[None], self.pad_token_id, self.bucket_for(length)
+            )
+            outputs.append(self.engine.prefill(ids, mask, slot[None]))
+            self._next_positions[slot] = length
         return self._next_token_logits(torch.cat(outputs))
 
-    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor) -> NextTokenLogits:
+    def decode(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: Sequence[int] | None = None,
+    ) -> NextTokenLogits:
         """Logits `[rows, V]` for one new token per row at `positions`, computed as far as
-        they are read; updates the caches."""
-        rows = input_ids.shape[0]
-        if int(positions.max()) >= self.sequence_length:
+        they are read; writes those tokens into cache rows `slots` (default 0..rows-1).
+
+        The compiled program decodes every slot. A slot not in `slots` decodes padding at
+        the position its own next token will take: full-attention layers hide that cache
+        entry until the slot's next step overwrites it, and in a sliding layer it replaces
+        the one key that step no longer sees, so an idle request keeps its cache intact.
+        """
+        slots = self._slots(input_ids.shape[0], slots)
+        positions = positions.reshape(-1).to(torch.long)
+        if len(positions) and int(positions.max()) >= self.sequence_length:
             raise ValueError(
                 f"Position {int(positions.max())} is beyond the compiled sequence_length="
                 f"{self.sequence_length}."
             )
-        ids = self._pad_batch(input_ids, self.pad_token_id)
-        return self._next_token_logits(
-            self.engine.decode(ids, self._pad_batch(positions, 0))[:rows]
-        )
+        ids = torch.full((self.batch_size, 1), self.pad_token_id, dtype=torch.long)
+        ids[slots] = input_ids.reshape(-1, 1).to(torch.long)
+        all_positions = self._next_positions.clone()
+        all_positions[all_positions >= self.sequence_length] = 0  # a full slot: nothing to keep
+        all_positions[slots] = positions
+        output = self.engine.decode(ids, all_positions)
+        self._next_positions[slots] = positions + 1
+        return self._next_token_logits(output[slots])
