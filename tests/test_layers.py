@@ -4,8 +4,8 @@ Layers, bottom to top (a module may import its own layer's modules and those bel
 names and paths shared by everyone; the graphs (decoder, layers, C++ kernels); the artifact
 folder (file names, checksums, the export config and the checks made at load); checkpoint
 weights; the compiler backends and the exporter; the runtime (engine, rank pool, head, token
-loop); the integration with optimum-neuron, transformers, the CLI and the Hub; and the package
-root, which registers the model. Imports inside functions count like those at the top.
+loop, continuous batching); the integration with optimum-neuron, transformers, the CLI and the
+Hub; the server; and the package root, which registers the model. Imports inside functions count like those at the top.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ LAYERS = [
     {"compiler"},
     {"runtime"},
     {"integration"},
+    {"serve"},
 ]
 
 

@@ -1,4 +1,5 @@
-"""Registers `optimum-cli export neuron` for Gemma-3 on hosts without the AWS Neuron SDK.
+"""Registers `optimum-cli export neuron` for Gemma-3 on hosts without the AWS Neuron SDK,
+and routes optimum-neuron's `optimum-cli neuron serve` to this package for Gemma-3.
 
 How optimum finds this file: `optimum-cli` imports every module of the PEP 420 namespace
 package `optimum.commands.register` (one directory per installed distribution, none of
@@ -63,6 +64,7 @@ def neuron_sdk_export_registered() -> bool:
 
 def commands_to_register() -> list[tuple[type, type]]:
     """The `(command, parent)` pairs for optimum-cli: ours under `export`, or none on SDK hosts."""
+    route_gemma3_through_optimum_neuron_serve()
     if neuron_sdk_export_registered():
         route_gemma3_through_optimum_neuron_command()
         return []
@@ -95,6 +97,32 @@ def route_gemma3_through_optimum_neuron_command() -> None:
 
     run._optimum_gemma3 = True
     NeuronxExportCommand.run = run
+
+
+def route_gemma3_through_optimum_neuron_serve() -> None:
+    """Make optimum-neuron's `neuron serve` serve Gemma-3 with this package.
+
+    optimum-neuron registers `optimum-cli neuron serve` on every host; its `run()` needs
+    vLLM and the Neuron SDK. For a Gemma-3 model compiled (or to be compiled) by
+    optimum-gemma3, `optimum_gemma3.serve.launch.serve_if_gemma3` serves it instead, with
+    the same flags; anything else goes to optimum-neuron's `run()` unchanged.
+    """
+    try:
+        from optimum.commands.neuron.serve import ServeCommand
+    except ImportError:  # an optimum-neuron without the command
+        return
+    original = ServeCommand.run
+    if getattr(original, "_optimum_gemma3", False):
+        return
+
+    def run(self) -> None:
+        from optimum_gemma3.serve.launch import serve_if_gemma3
+
+        if not serve_if_gemma3(self.args):
+            original(self)
+
+    run._optimum_gemma3 = True
+    ServeCommand.run = run
 
 
 def __getattr__(name: str):
