@@ -5,7 +5,8 @@ names and paths shared by everyone; the graphs (decoder, layers, C++ kernels); t
 folder (file names, checksums, the export config and the checks made at load); checkpoint
 weights; the compiler backends and the exporter; the runtime (engine, rank pool, head, token
 loop, continuous batching); the integration with optimum-neuron, transformers, the CLI and the
-Hub; the server; and the package root, which registers the model. Imports inside functions count like those at the top.
+Hub; the server; and the package root, which registers the model. Imports inside functions
+count like those at the top.
 """
 
 from __future__ import annotations

@@ -150,6 +150,12 @@ def test_completion_streamed_or_not_is_generate_alone(server, model, tokenizer):
     assert answer.usage.completion_tokens == len(expected)
     by_ids = client.completions.create(model=NAME, prompt=ids, max_tokens=20, temperature=0)
     assert by_ids.choices[0].text == choice.text
+    through_eos = alone(model, tokenizer, ids, max_new_tokens=24, eos_token_id=None)
+    ignoring = client.completions.create(
+        model=NAME, prompt=ids, max_tokens=24, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert ignoring.usage.completion_tokens == 24
+    assert ignoring.choices[0].text == text_of(tokenizer, through_eos)
     chunks = list(
         client.completions.create(
             model=NAME,

@@ -173,3 +173,18 @@ def test_a_killed_rank_fails_the_call_clearly_and_leaves_no_process(tp2_folder):
     assert rank_processes_alive(pids) == []
     with pytest.raises(TensorParallelError, match="load the model again"):
         model.generate(input_ids=ids, max_new_tokens=2, do_sample=False)
+
+
+def test_tp2_continuous_batching_and_server_close_stop_the_ranks(tp2_folder):
+    """Requests joining and leaving on TP=2 get their alone tokens; closing the serving
+    engine (what SIGTERM does) stops the rank processes."""
+    from optimum_gemma3.serve.engine import ServingEngine
+    from tests.test_continuous_batching import check_traffic, random_requests
+
+    _, folder = tp2_folder
+    model = Gemma3NeuronModelForCausalLM.from_pretrained(folder)
+    pids = model.runtime.engine.pids
+    specs = random_requests(8, max_prompt=32, sequence_length=128, vocab=512, seed=41, max_new=20)
+    check_traffic(model, specs, seed=43)
+    ServingEngine(model).close(timeout=5)
+    assert rank_processes_alive(pids) == []

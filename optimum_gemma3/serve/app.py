@@ -133,6 +133,8 @@ class OpenAIServer:
         kwargs = {"max_new_tokens": budget}
         if body.min_tokens:
             kwargs["min_new_tokens"] = body.min_tokens
+        if body.ignore_eos:
+            kwargs["eos_token_id"] = None
         if body.stop_strings:
             kwargs["stop_strings"] = body.stop_strings
         repetition_penalty = body.repetition_penalty or self.defaults.get("repetition_penalty")

@@ -40,8 +40,9 @@ class StreamOptions(BaseModel):
 
 class SamplingFields(BaseModel):
     """The generation options both endpoints take (OpenAI's, plus vLLM's `top_k`,
-    `min_tokens` and `repetition_penalty`). Unset fields take the model's
-    generation_config value where it sets one, else OpenAI's default."""
+    `min_tokens`, `ignore_eos` and `repetition_penalty`). Unset fields take the model's
+    generation_config value where it sets one, else OpenAI's default. `ignore_eos` (vLLM's)
+    generates through EOS tokens, up to `max_tokens` or a stop string."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -51,6 +52,7 @@ class SamplingFields(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=-1)
     min_tokens: int = Field(default=0, ge=0)
+    ignore_eos: bool = False
     repetition_penalty: float | None = Field(default=None, gt=0)
     seed: int | None = None
     stop: str | list[str] | None = None
