@@ -2,7 +2,7 @@
 
     python scripts/benchmark_serving.py [--dtype bfloat16] [--batch-size 8]
         [--sequence-length 512] [--concurrency 1 4 8 16] [--requests 32]
-        [--max-tokens 64] [--hf-requests 8] [--json OUT]
+        [--max-tokens 64] [--hf-requests 8] [--buckets 32 64 128 256 512] [--json OUT]
 
 Exports the model (compile cache reused) and starts `python -m optimum_gemma3.serve` on
 it in a process of its own. Then the same request mix (the prompts of
@@ -49,9 +49,9 @@ TARGETS = {"speedup_vs_1_client": 4.0, "speedup_vs_transformers": 10.0, "itl_p95
 
 
 def export(args) -> Path:
-    folder = (
-        REPO / "benchmarks" / f"serving-{args.dtype}-b{args.batch_size}-s{args.sequence_length}"
-    )
+    buckets = "-".join(map(str, args.buckets)) if args.buckets else "default"
+    name = f"serving-{args.dtype}-b{args.batch_size}-s{args.sequence_length}-buckets-{buckets}"
+    folder = REPO / "benchmarks" / name
     if (folder / "neuron_config.json").is_file():
         return folder
     model = Gemma3NeuronModelForCausalLM.from_pretrained(
@@ -61,6 +61,7 @@ def export(args) -> Path:
         sequence_length=args.sequence_length,
         torch_dtype=args.dtype,
         instance_type="cpu",
+        context_encoding_buckets=args.buckets,
     )
     model.save_pretrained(folder)
     model.runtime.close()
@@ -69,7 +70,9 @@ def export(args) -> Path:
 
 def request_mix(count: int, max_tokens: int, tokenizer, sequence_length: int) -> list[dict]:
     """`count` requests from the prompt file in turn (those whose prompt and `max_tokens`
-    fit `sequence_length`): bodies for the two endpoints."""
+    fit `sequence_length`): bodies for the two endpoints. Budgets cycle through 1/2, 1, 3/2
+    of `max_tokens` (mean `max_tokens`): requests of one length would start and end in
+    lockstep, which no real traffic does."""
     mix, entries = [], []
     for line in PROMPTS.read_text().splitlines():
         entry = json.loads(line)
@@ -77,11 +80,12 @@ def request_mix(count: int, max_tokens: int, tokenizer, sequence_length: int) ->
             ids = tokenizer.apply_chat_template(entry["messages"], add_generation_prompt=True)
         else:
             ids = tokenizer(entry["prompt"])["input_ids"]
-        if len(ids) + max_tokens <= sequence_length:
+        if len(ids) + max_tokens * 3 // 2 <= sequence_length:
             entries.append(entry)
     for index in range(count):
         entry = entries[index % len(entries)]
-        body = {"model": MODEL_NAME, "max_tokens": max_tokens, "ignore_eos": True}
+        budget = max_tokens * (index % 3 + 1) // 2
+        body = {"model": MODEL_NAME, "max_tokens": budget, "ignore_eos": True}
         body.update(temperature=0, stream=True, stream_options={"include_usage": True})
         if "messages" in entry:
             body["messages"] = entry["messages"]
@@ -89,6 +93,10 @@ def request_mix(count: int, max_tokens: int, tokenizer, sequence_length: int) ->
         else:
             mix.append({"path": "/v1/completions", "body": {**body, "prompt": entry["prompt"]}})
     return mix
+
+
+def buckets_of(folder: Path) -> list[int]:
+    return json.loads((folder / "neuron_config.json").read_text())["context_encoding_buckets"]
 
 
 def free_port() -> int:
@@ -192,7 +200,7 @@ def transformers_rate(args, mix: list[dict]) -> dict:
             out = model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
-                max_new_tokens=args.max_tokens,
+                max_new_tokens=body["max_tokens"],
                 eos_token_id=None,  # as the server's ignore_eos
                 do_sample=False,
             )
@@ -215,6 +223,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--hf-requests", type=int, default=8)
+    parser.add_argument(
+        "--buckets", type=int, nargs="+", help="prefill buckets (default: the export's)"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -238,8 +249,9 @@ def main() -> None:
     hf = transformers_rate(args, mix)
 
     print(
-        f"\n270M {args.dtype}, batch_size {args.batch_size}, {args.requests} requests of "
-        f"{args.max_tokens} tokens; transformers: {hf['requests']} requests one at a time"
+        f"\n270M {args.dtype}, batch_size {args.batch_size}, buckets {buckets_of(folder)}, "
+        f"{args.requests} requests of {args.max_tokens} tokens on average; transformers: "
+        f"{hf['requests']} requests one at a time"
     )
     print("| clients | tokens/s | x 1 client | x transformers | TTFT p50 / p95 (s) ", end="")
     print("| ITL p50 / p95 (ms) |\n|---|---|---|---|---|---|")

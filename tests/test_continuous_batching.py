@@ -231,13 +231,9 @@ def test_continuous_batching_is_recorded_in_the_export_config(tiny_checkpoints, 
 @pytest.mark.real_model
 def test_real_270m_requests_join_and_leave_with_their_alone_tokens(real_270m):
     """The real 270M (the 2-slot programs test_real_model compiles), greedy and sampled."""
-    config = Gemma3NeuronModelForCausalLM.get_neuron_config(
-        real_270m,
-        batch_size=2,
-        sequence_length=1024,
-        context_encoding_buckets=[1024],
-        instance_type="cpu",
-    )
+    from tests.test_real_model import REAL_SHAPE
+
+    config = Gemma3NeuronModelForCausalLM.get_neuron_config(real_270m, **REAL_SHAPE)
     model = Gemma3NeuronModelForCausalLM.export(real_270m, config)
     torch.set_num_threads(2)
     try:

@@ -38,6 +38,12 @@ def two_threads():
     torch.set_num_threads(1)
 
 
+# Two slots and one 1024-token bucket: prompts past the 512-token sliding window.
+REAL_SHAPE = dict(
+    batch_size=2, sequence_length=1024, context_encoding_buckets=[1024], instance_type="cpu"
+)
+
+
 def long_and_short_prompts(tokenizer):
     prompts = [json.loads(line) for line in DEFAULT_PROMPTS.read_text().splitlines()]
     long_text = next(p["prompt"] for p in prompts if p["name"] == "long-prose")
@@ -72,13 +78,7 @@ def test_converted_tokenizer_loads_without_warnings(real_270m, caplog):
 
 def test_export_reload_and_transformers_parity(real_270m, tokenizer, tmp_path):
     batch = long_and_short_prompts(tokenizer)
-    config = Gemma3NeuronModelForCausalLM.get_neuron_config(
-        real_270m,
-        batch_size=2,
-        sequence_length=1024,
-        context_encoding_buckets=[1024],
-        instance_type="cpu",
-    )
+    config = Gemma3NeuronModelForCausalLM.get_neuron_config(real_270m, **REAL_SHAPE)
     model = Gemma3NeuronModelForCausalLM.export(real_270m, config)
     ours = model.generate(batch.input_ids, batch.attention_mask, max_new_tokens=NEW_TOKENS)
 

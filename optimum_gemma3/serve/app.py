@@ -155,6 +155,14 @@ class OpenAIServer:
         )
         return kwargs
 
+    def start(
+        self, body: SamplingFields, prompt_ids: list[int], budget: int | None, default: int | None
+    ) -> tuple[RequestStream, CompletionText]:
+        """Check the lengths, queue the request; its stream and the text it will build."""
+        budget = self.token_budget(len(prompt_ids), budget, default)
+        stream = self.submit(body, prompt_ids, budget)
+        return stream, CompletionText(self.tokenizer, body.stop_strings)
+
     def submit(self, body: SamplingFields, prompt_ids: list[int], budget: int) -> RequestStream:
         try:
             sampling = self.model.request_sampling(
@@ -345,9 +353,7 @@ def build_app(
     async def completions(body: CompletionRequest, request: Request):
         server.check_model(body.model)
         prompt_ids = server.completion_prompt(body)
-        budget = server.token_budget(len(prompt_ids), body.max_tokens, DEFAULT_COMPLETION_TOKENS)
-        stream = server.submit(body, prompt_ids, budget)
-        text = CompletionText(tokenizer, body.stop_strings)
+        stream, text = server.start(body, prompt_ids, body.max_tokens, DEFAULT_COMPLETION_TOKENS)
         head = {
             "id": new_id("cmpl"),
             "object": "text_completion",
@@ -377,9 +383,7 @@ def build_app(
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         server.check_model(body.model)
         prompt_ids = server.chat_prompt(body)
-        budget = server.token_budget(len(prompt_ids), body.token_budget, None)
-        stream = server.submit(body, prompt_ids, budget)
-        text = CompletionText(tokenizer, body.stop_strings)
+        stream, text = server.start(body, prompt_ids, body.token_budget, None)
         head = {"id": new_id("chatcmpl"), "created": now(), "model": model_name}
         if body.stream:
             chunk_head = {**head, "object": "chat.completion.chunk"}

@@ -85,18 +85,9 @@ def route_gemma3_through_optimum_neuron_command() -> None:
     """On SDK hosts: make optimum-neuron's `export neuron` export Gemma-3 with this plugin."""
     from optimum.commands.export.neuronx import NeuronxExportCommand
 
-    original = NeuronxExportCommand.run
-    if getattr(original, "_optimum_gemma3", False):
-        return
-
-    def run(self) -> None:
-        from optimum_gemma3.integration.cli import export_gemma3_if_supported
-
-        if not export_gemma3_if_supported(self.args):
-            original(self)
-
-    run._optimum_gemma3 = True
-    NeuronxExportCommand.run = run
+    route_gemma3(
+        NeuronxExportCommand, "optimum_gemma3.integration.cli", "export_gemma3_if_supported"
+    )
 
 
 def route_gemma3_through_optimum_neuron_serve() -> None:
@@ -111,18 +102,23 @@ def route_gemma3_through_optimum_neuron_serve() -> None:
         from optimum.commands.neuron.serve import ServeCommand
     except ImportError:  # an optimum-neuron without the command
         return
-    original = ServeCommand.run
+    route_gemma3(ServeCommand, "optimum_gemma3.serve.launch", "serve_if_gemma3")
+
+
+def route_gemma3(command_class: type, module: str, handler: str) -> None:
+    """Wrap `command_class.run` (once): `module.handler(args)` runs the command for Gemma-3
+    and returns True; for anything else it returns False and the original `run()` runs.
+    The module is imported only when the command runs (it loads torch)."""
+    original = command_class.run
     if getattr(original, "_optimum_gemma3", False):
         return
 
     def run(self) -> None:
-        from optimum_gemma3.serve.launch import serve_if_gemma3
-
-        if not serve_if_gemma3(self.args):
+        if not getattr(importlib.import_module(module), handler)(self.args):
             original(self)
 
     run._optimum_gemma3 = True
-    ServeCommand.run = run
+    command_class.run = run
 
 
 def __getattr__(name: str):
