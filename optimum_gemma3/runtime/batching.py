@@ -18,7 +18,6 @@ Synchronous and single-threaded on purpose: the caller (a server's engine thread
 from __future__ import annotations
 
 import collections
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -27,8 +26,6 @@ import torch
 from .engine import Gemma3Runtime
 from .logits import NextTokenLogits
 from .selection import ScreenedSelection, first_argmax, screened_selection, step_scores
-
-logger = logging.getLogger(__name__)
 
 # A step admits at most this many waiting requests while others are decoding: a prefill
 # stalls every active request's next token, so joining is spread over steps.

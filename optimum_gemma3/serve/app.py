@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -36,8 +35,6 @@ from .protocol import (
     usage,
 )
 from .text import CompletionText
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 # Generation options a model's generation_config.json may set as the server's defaults.
