@@ -526,3 +526,13 @@ def test_other_models_go_to_optimum_neurons_serve(tmp_path):
         tmp_path
     )
     assert serve_if_gemma3(argparse.Namespace(model=str(tmp_path), _unknown_args=[])) is False
+
+
+def test_optimum_cli_serve_help_names_the_gemma3_flags():
+    cli = str(Path(sys.executable).parent / "optimum-cli")
+    result = subprocess.run(
+        [cli, "neuron", "serve", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    help_text = " ".join(result.stdout.split())
+    assert "served by optimum-gemma3" in help_text and "--max_queue_size" in help_text

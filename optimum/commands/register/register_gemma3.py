@@ -46,6 +46,14 @@ from optimum.commands.export.base import ExportCommand
 
 logger = logging.getLogger(__name__)
 
+# `--help` of optimum-neuron's serve command lists its own flags; the others reach
+# optimum-gemma3 unparsed, so they are named here.
+SERVE_EPILOG = (
+    "Gemma-3 models are served by optimum-gemma3 (no vLLM needed), which also takes "
+    "--host, --instance_type, --torch_dtype, --max_queue_size, --shutdown_timeout and "
+    "--prefills_per_step: see `python -m optimum_gemma3.serve --help`."
+)
+
 
 def neuron_sdk_export_registered() -> bool:
     """Whether optimum-neuron registers its own `export neuron` command on this host.
@@ -103,6 +111,16 @@ def route_gemma3_through_optimum_neuron_serve() -> None:
     except ImportError:  # an optimum-neuron without the command
         return
     route_gemma3(ServeCommand, "optimum_gemma3.serve.launch", "serve_if_gemma3")
+    original_parse_args = ServeCommand.parse_args
+    if getattr(original_parse_args, "_optimum_gemma3", False):
+        return
+
+    def parse_args(parser) -> None:
+        original_parse_args(parser)
+        parser.epilog = SERVE_EPILOG
+
+    parse_args._optimum_gemma3 = True
+    ServeCommand.parse_args = staticmethod(parse_args)
 
 
 def route_gemma3(command_class: type, module: str, handler: str) -> None:
