@@ -59,10 +59,6 @@ class SlotRequest:
         self.sequence = torch.tensor([list(self.prompt_ids)], dtype=torch.long)
         self.screen = screened_selection(self.sampling.logits_processor, self.sampling.do_sample)
 
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
 
 @dataclass(frozen=True)
 class TokenEvent:

@@ -16,7 +16,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..runtime.batching import ContinuousBatcher, Sampling, SlotRequest, TokenEvent
+from ..runtime.batching import (
+    DEFAULT_PREFILLS_PER_STEP,
+    ContinuousBatcher,
+    Sampling,
+    SlotRequest,
+    TokenEvent,
+)
 from .metrics import ServingMetrics
 
 logger = logging.getLogger(__name__)
@@ -58,7 +64,7 @@ class ServingEngine:
         model,
         max_queue_size: int = 256,
         metrics: ServingMetrics | None = None,
-        prefills_per_step: int = 1,
+        prefills_per_step: int = DEFAULT_PREFILLS_PER_STEP,
     ):
         self.model = model
         self.batcher = ContinuousBatcher(model.runtime, prefills_per_step)

@@ -21,6 +21,7 @@ import logging
 from pathlib import Path
 
 from ..artifact.files import NEURON_CONFIG_NAME
+from ..runtime.batching import DEFAULT_PREFILLS_PER_STEP
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser, optimum_neuron_flags: b
     flag(
         "--prefills_per_step",
         type=int,
-        default=1,
+        default=DEFAULT_PREFILLS_PER_STEP,
         help="Requests that may join between two decode steps of running ones (default 1).",
     )
 
@@ -155,16 +156,20 @@ def stopping_server_class():
     return StoppingServer
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m optimum_gemma3.serve`."""
-    parser = argparse.ArgumentParser(prog="python -m optimum_gemma3.serve", description=__doc__)
-    add_serve_arguments(parser)
-    args = parser.parse_args(argv)
+def serve_or_exit(args: argparse.Namespace, prog: str) -> None:
+    """`serve` with INFO logs; bad input or environment ends the process with one line."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         serve(args)
     except (ValueError, OSError) as error:
-        raise SystemExit(f"{parser.prog}: error: {error}") from None
+        raise SystemExit(f"{prog}: error: {error}") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m optimum_gemma3.serve`."""
+    parser = argparse.ArgumentParser(prog="python -m optimum_gemma3.serve", description=__doc__)
+    add_serve_arguments(parser)
+    serve_or_exit(parser.parse_args(argv), parser.prog)
 
 
 def serve_if_gemma3(foreign_args: argparse.Namespace) -> bool:
@@ -195,11 +200,7 @@ def serve_if_gemma3(foreign_args: argparse.Namespace) -> bool:
             return False
     elif choose_implementation(config.model_type, args.instance_type) != OPTIMUM_GEMMA3:
         return False
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        serve(args)
-    except (ValueError, OSError) as error:
-        raise SystemExit(f"{PROG}: error: {error}") from None
+    serve_or_exit(args, PROG)
     return True
 
 
