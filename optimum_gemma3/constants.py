@@ -6,9 +6,11 @@ This module imports nothing, so every layer can use it, down to the lowest, and
 
 TEXT_MODEL_TYPE = "gemma3_text"
 MULTIMODAL_MODEL_TYPE = "gemma3"
-# Both compile the text decoder: a multimodal checkpoint's vision tower is not exported.
+# Both compile the text decoder; `IMAGE_TASK` also compiles a multimodal one's vision tower.
 MODEL_TYPES = (TEXT_MODEL_TYPE, MULTIMODAL_MODEL_TYPE)
 TASK = "text-generation"
+# Multimodal checkpoints only: the text decoder plus the vision program.
+IMAGE_TASK = "image-text-to-text"
 # optimum-neuron's model registry keys are (model_type, task, mode).
 REGISTRY_MODE = "inference"
 

@@ -4,9 +4,10 @@ Gemma-3 checkpoints name the text decoder three ways:
 - `model.*`                  (270m, 1b: `Gemma3ForCausalLM`)
 - `language_model.model.*`   (original 4b/12b/27b multimodal checkpoints)
 - `model.language_model.*`   (multimodal checkpoints re-saved by transformers >= 4.52)
-Vision tower and projector weights are dropped; the head is tied to the embedding, so a
-stored `lm_head.weight` is ignored unless the config unties it. Only safetensors are
-read: a downloaded pickle is never loaded.
+Vision tower and projector weights go to the vision encoder (`vision_state_dict`), or
+are dropped for a text-only export; the head is tied to the embedding, so a stored
+`lm_head.weight` is ignored unless the config unties it. Only safetensors are read: a
+downloaded pickle is never loaded.
 """
 
 from __future__ import annotations
@@ -27,12 +28,10 @@ logger = logging.getLogger(__name__)
 
 DECODER_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
 HEAD_NAMES = ("lm_head.weight", "language_model.lm_head.weight")
-SKIPPED_PREFIXES = (
-    "vision_tower.",
-    "multi_modal_projector.",
-    "model.vision_tower.",
-    "model.multi_modal_projector.",
-)
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.")
+SKIPPED_PREFIXES = VISION_PREFIXES + tuple(f"model.{prefix}" for prefix in VISION_PREFIXES)
+# SigLIP's attention-pooling head: saved with the vision tower, unused by Gemma-3.
+UNUSED_VISION_PREFIX = "vision_tower.vision_model.head."
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -83,6 +82,30 @@ def load_decoder_state_dict(
                 target = decoder_name(name, tied)
                 if target is not None:
                     state_dict[target] = f.get_tensor(name).to(dtype)
+    return state_dict
+
+
+def vision_name(checkpoint_name: str) -> str | None:
+    """Map a checkpoint tensor name to the vision encoder's parameter name, or None."""
+    name = checkpoint_name.removeprefix("model.")
+    if not name.startswith(VISION_PREFIXES) or name.startswith(UNUSED_VISION_PREFIX):
+        return None
+    return name
+
+
+def vision_state_dict(
+    model_dir: str | os.PathLike, encoder: torch.nn.Module, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The vision tower and projector tensors of a multimodal checkpoint, renamed, cast to
+    `dtype` and checked against `encoder` (a `Gemma3VisionEncoder`, e.g. its skeleton)."""
+    state_dict = {}
+    for path in safetensors_files(model_dir):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                target = vision_name(name)
+                if target is not None:
+                    state_dict[target] = f.get_tensor(name).to(dtype).contiguous()
+    check_tensors(state_dict, encoder, model_dir)
     return state_dict
 
 

@@ -20,7 +20,11 @@ from optimum.neuron.models.inference import modeling_utils
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import optimum_gemma3
-from optimum_gemma3 import Gemma3NeuronConfig, Gemma3NeuronModelForCausalLM
+from optimum_gemma3 import (
+    Gemma3NeuronConfig,
+    Gemma3NeuronModelForCausalLM,
+    Gemma3NeuronModelForImageTextToText,
+)
 from optimum_gemma3.artifact.files import NEURON_CONFIG_NAME
 from optimum_gemma3.constants import IMPLEMENTATION_ENV, MODEL_TYPES, REGISTRY_MODE, TASK
 from optimum_gemma3.integration import registry as integration
@@ -118,7 +122,7 @@ def optimum_neuron_gemma3(monkeypatch):
     registry = auto_model._REGISTERED_NEURON_MODELS
     for key in GEMMA3_KEYS:
         monkeypatch.setitem(registry, key, OptimumNeuronGemma3)  # restored after the test
-    integration.register(Gemma3NeuronModelForCausalLM)
+    integration.register(Gemma3NeuronModelForCausalLM, Gemma3NeuronModelForImageTextToText)
     OptimumNeuronGemma3.calls = []
     return OptimumNeuronGemma3
 
@@ -281,7 +285,9 @@ def test_compatibility_layer_assumptions_hold():
 def test_registering_twice_does_not_stack_wrappers():
     lookup = modeling_utils.get_neuron_model_class
     importlib.reload(optimum_gemma3.integration.registry)
-    optimum_gemma3.integration.registry.register(Gemma3NeuronModelForCausalLM)
+    optimum_gemma3.integration.registry.register(
+        Gemma3NeuronModelForCausalLM, Gemma3NeuronModelForImageTextToText
+    )
     assert modeling_utils.get_neuron_model_class is lookup
     assert not getattr(lookup.__wrapped__, "_optimum_gemma3", False)
 

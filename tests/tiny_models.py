@@ -109,11 +109,36 @@ TWO_LAYERS = {
 # (`language_model.model.*`).
 MULTIMODAL = {"4b-multimodal": "saved", "4b-multimodal-original": "original"}
 TINY_CONFIGS = (*TEXT_SHAPES, *MULTIMODAL)
+# Multimodal checkpoints for image-text-to-text, with a processor: text shapes of 4b and
+# 27b (linear RoPE scaling; 27b's query_pre_attn_scalar), a two-layer SigLIP tower and 16
+# tokens per image, so an image's block (16) outruns the sliding window (8).
+IMAGE_SIZE = 112
+TOKENS_PER_IMAGE = 16
+IMAGE_TOKENS = {"<image_soft_token>": 509, "<start_of_image>": 510, "<end_of_image>": 511}
+VISION_CONFIGS = {"4b-vision": "4b", "27b-vision": "27b"}
 
 
 def make_config(name: str):
     if name in TEXT_SHAPES or name in TWO_LAYERS:
         return Gemma3TextConfig(**COMMON, **{**TEXT_SHAPES, **TWO_LAYERS}[name])
+    if name in VISION_CONFIGS:
+        vision = SiglipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=IMAGE_SIZE,
+            patch_size=14,
+            vision_use_head=False,
+        )
+        return Gemma3Config(
+            text_config=dict(**COMMON, **TEXT_SHAPES[VISION_CONFIGS[name]]),
+            vision_config=vision.to_dict(),
+            mm_tokens_per_image=TOKENS_PER_IMAGE,
+            boi_token_index=IMAGE_TOKENS["<start_of_image>"],
+            eoi_token_index=IMAGE_TOKENS["<end_of_image>"],
+            image_token_index=IMAGE_TOKENS["<image_soft_token>"],
+        )
     vision = SiglipVisionConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -155,6 +180,8 @@ def save_random_checkpoint(name: str, folder: Path) -> Path:
     model = reference_class(config)(config).eval()
     randomize(model, seed=zlib.crc32(name.encode()))
     model.save_pretrained(folder)
+    if name in VISION_CONFIGS:
+        tiny_processor(config.get_text_config().vocab_size).save_pretrained(folder)
     if MULTIMODAL.get(name) == "original":
         _rename_to_original_layout(folder)
     return folder
@@ -193,11 +220,27 @@ GEMMA3_CHAT_TEMPLATE = (
 )
 
 
-def tiny_tokenizer(vocab_size: int):
+# Gemma-3's chat template's shape for messages whose content is a list of images and texts.
+GEMMA3_IMAGE_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "<start_of_turn>{{ role }}\n"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<start_of_image> "
+    "{% elif item['type'] == 'text' %}{{ item['text'] | trim }} {% endif %}"
+    "{% endfor %}{% endif %}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def tiny_tokenizer(vocab_size: int, with_images: bool = False):
     """A word-level tokenizer over a tiny model's vocabulary: token i >= 7 is the word `w<i>`.
 
     Gives the random models text in and text out (pipelines, streamers, stop strings),
-    with Gemma-3's special ids: <pad> 0, <eos> 1, <bos> 2 and turn markers.
+    with Gemma-3's special ids: <pad> 0, <eos> 1, <bos> 2 and turn markers;
+    `with_images`, also the image tokens of `IMAGE_TOKENS` as a `Gemma3Processor` needs
+    them, padding on the left as the tokenizers of the Gemma-3 checkpoints do.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -205,6 +248,12 @@ def tiny_tokenizer(vocab_size: int):
     specials = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<start_of_turn>": 3, "<end_of_turn>": 4}
     roles = {"user": 5, "model": 6}
     vocab = {**specials, **roles, **{f"w{i}": i for i in range(7, vocab_size)}}
+    extra = {}
+    if with_images:
+        vocab = {word: i for word, i in vocab.items() if i not in IMAGE_TOKENS.values()}
+        vocab.update(IMAGE_TOKENS)
+        names = ("image_token", "boi_token", "eoi_token")
+        extra = {"extra_special_tokens": dict(zip(names, IMAGE_TOKENS, strict=True))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
@@ -213,8 +262,23 @@ def tiny_tokenizer(vocab_size: int):
         bos_token="<bos>",
         eos_token="<eos>",
         pad_token="<pad>",
-        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+        additional_special_tokens=["<start_of_turn>", "<end_of_turn>", *(extra and IMAGE_TOKENS)],
         model_input_names=["input_ids", "attention_mask"],
+        padding_side="left" if with_images else "right",
+        **extra,
     )
-    tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
+    tokenizer.chat_template = GEMMA3_IMAGE_CHAT_TEMPLATE if with_images else GEMMA3_CHAT_TEMPLATE
     return tokenizer
+
+
+def tiny_processor(vocab_size: int):
+    """A `Gemma3Processor` for the tiny vision checkpoints: `IMAGE_SIZE` images, 16 tokens each."""
+    from transformers import Gemma3ImageProcessor, Gemma3Processor
+
+    tokenizer = tiny_tokenizer(vocab_size, with_images=True)
+    return Gemma3Processor(
+        image_processor=Gemma3ImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
+        tokenizer=tokenizer,
+        chat_template=GEMMA3_IMAGE_CHAT_TEMPLATE,
+        image_seq_length=TOKENS_PER_IMAGE,
+    )

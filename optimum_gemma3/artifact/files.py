@@ -4,11 +4,15 @@ config.json              the checkpoint's HF config (multimodal configs kept who
 neuron_config.json       export config, versions and a checksum of every program
 compiled/prefill_<N>.pt2 one program per prefill bucket (suffix set by the backend)
 compiled/decode.pt2      the one-token program
+compiled/vision.pt2      image-text-to-text only: one image's pixels to its features
 model.safetensors        the decoder's weights in the export dtype (when exported with
                          load_weights=True; otherwise loaded from checkpoint_id)
 weights/tp_rank_<r>.safetensors
                          instead of model.safetensors with tp_degree > 1: rank r's shard
-tokenizer files, generation_config.json, README.md (when available)
+vision.safetensors       image-text-to-text only: the vision tower and projector (one
+                         copy whatever tp_degree: the vision program runs on one rank)
+tokenizer files, generation_config.json, README.md (when available); processor files
+(preprocessor_config.json, processor_config.json) for image-text-to-text
 
 `neuron_config.json` is also the manifest: its `artifact_files` lists every file this
 project wrote into the folder (with a checksum for the programs). A save replaces only
@@ -31,6 +35,7 @@ from ..paths import replaced_atomically
 PROGRAMS_DIR = "compiled"
 RANK_WEIGHTS_DIR = "weights"
 WEIGHTS_NAME = "model.safetensors"
+VISION_WEIGHTS_NAME = "vision.safetensors"
 NEURON_CONFIG_NAME = "neuron_config.json"
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -51,6 +56,8 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+# What `AutoProcessor` needs beside the tokenizer files: copied by image-text-to-text exports.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 # Written by every export, though manifests of earlier releases listed only programs and
 # weights: counted as this project's files in a folder whose manifest omits them.
 ALWAYS_WRITTEN = (CONFIG_NAME, GENERATION_CONFIG_NAME, *TOKENIZER_FILES)
@@ -71,6 +78,10 @@ def prefill_program_name(bucket: int, suffix: str) -> str:
 
 def decode_program_name(suffix: str) -> str:
     return f"{PROGRAMS_DIR}/decode{suffix}"
+
+
+def vision_program_name(suffix: str) -> str:
+    return f"{PROGRAMS_DIR}/vision{suffix}"
 
 
 def sha256_file(path: Path) -> str:

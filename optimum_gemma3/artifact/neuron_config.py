@@ -8,7 +8,8 @@ buckets (`context_encoding_buckets`, NxD-inference's name); the versions of this
 library, torch and the compiler that built the artifact; the ops profile its graphs were
 traced with (`ops_profile`: which products, attention and gelu forms, and the CPU
 features the kernels they call need); the CPU instruction set the compiled programs need
-(`program_isa`, None for Neuron programs).
+(`program_isa`, None for Neuron programs); for `image-text-to-text` exports, the most
+images one prompt may hold (`max_num_images`; None: a text-only artifact).
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class Gemma3NeuronConfig(NxDNeuronConfig):
         head_on_host: bool | None = None,
         ops_profile: OpsProfile | dict | None = None,
         program_isa: str | None = None,
+        max_num_images: int | None = None,
         **kwargs,
     ):
         # Normalized here, before the base class maps names with its own table: aliases
@@ -103,6 +105,14 @@ class Gemma3NeuronConfig(NxDNeuronConfig):
             ops_profile = OpsProfile.from_dict(ops_profile)
         self.ops_profile = ops_profile
         self.program_isa = program_isa
+        # Set for `image-text-to-text` exports, which add the vision program and give the
+        # prefill programs image inputs; None: text only.
+        self.max_num_images = max_num_images
+
+    @property
+    def has_images(self) -> bool:
+        """Whether the artifact takes images (an `image-text-to-text` export)."""
+        return self.max_num_images is not None
 
     @property
     def dtype_name(self) -> str:
@@ -198,6 +208,11 @@ class Gemma3NeuronConfig(NxDNeuronConfig):
             raise ValueError(
                 f"context_encoding_buckets={buckets} do not fit: the largest must be <= "
                 f"max_context_length={self.max_context_length}."
+            )
+        if self.max_num_images is not None and not _positive(self.max_num_images):
+            raise ValueError(
+                f"max_num_images must be a positive integer (or None for a text-only "
+                f"export), got {self.max_num_images!r}."
             )
         if self.on_device_sampling:
             raise ValueError("on_device_sampling=True is not supported yet: use False.")

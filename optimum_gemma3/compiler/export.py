@@ -5,8 +5,10 @@ validate the export config against the model config, choose the ops profile the 
 are traced with (`ops_profile_for`), compile one program per prefill bucket plus the
 decode program (through the compile cache), write the weights in the
 export dtype, copy the tokenizer and generation config, and write `neuron_config.json`
-last, listing every file written. The caller decides where the folder goes; it is
-written as every save is (`artifact.files.save_artifact`).
+last, listing every file written. An `image-text-to-text` export (`max_num_images` set)
+also compiles the vision program, writes the vision weights and copies the processor.
+The caller decides where the folder goes; it is written as every save is
+(`artifact.files.save_artifact`).
 """
 
 from __future__ import annotations
@@ -21,20 +23,33 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, GenerationConfig
 
 from ..artifact.files import (
+    PROCESSOR_FILES,
     TOKENIZER_FILES,
+    VISION_WEIGHTS_NAME,
     decode_program_name,
     files_below,
     prefill_program_name,
     save_artifact,
     sha256_file,
+    vision_program_name,
     weights_name,
 )
 from ..artifact.neuron_config import Gemma3NeuronConfig
 from ..graphs import Gemma3Decoder, text_config
+from ..graphs.config import ImageTokens
 from ..graphs.ops import OpsProfile
 from ..graphs.parallel import tracing_process_group
-from ..graphs.program import DECODE, PREFILL, GraphProgram, example_inputs
-from ..weights import rank_state_dicts, resolve_checkpoint
+from ..graphs.program import (
+    DECODE,
+    PREFILL,
+    VISION,
+    GraphProgram,
+    VisionProgram,
+    example_inputs,
+    vision_example_inputs,
+)
+from ..graphs.vision import Gemma3VisionEncoder
+from ..weights import rank_state_dicts, resolve_checkpoint, vision_state_dict
 from . import CPU_TARGETS, backend_for_target
 from .cache import compile_cached, program_key
 
@@ -69,15 +84,19 @@ def export_to_folder(
     neuron_config.compiler_version = versions["compiler_version"]
     neuron_config.ops_profile = ops_profile_for(neuron_config.target)
     neuron_config.program_isa = backend.program_isa()
+    if neuron_config.has_images:
+        check_image_export(config, checkpoint, neuron_config)
 
     def fill(folder: Path) -> None:
         config.save_pretrained(folder)
-        _copy_generation_files(checkpoint, folder)
+        _copy_generation_files(checkpoint, folder, neuron_config.has_images)
         neuron_config.artifact_files = _compile_programs(
-            text, neuron_config, backend, versions, folder
+            config, neuron_config, backend, versions, folder
         )
         if load_weights:
             _write_weights(checkpoint, text, neuron_config, folder)
+        if neuron_config.has_images:  # small, and the runtime needs it: always written
+            _write_vision_weights(checkpoint, config, neuron_config, folder)
         for name in files_below(folder):  # the manifest: every file written (see artifact)
             neuron_config.artifact_files.setdefault(name, None)
         neuron_config.save_pretrained(folder)
@@ -85,9 +104,32 @@ def export_to_folder(
     return save_artifact(destination, fill)
 
 
-def _compile_programs(text, neuron_config, backend, versions, folder: Path) -> dict[str, str]:
+def check_image_export(config, checkpoint: Path, neuron_config) -> None:
+    """Refuse an image-text-to-text export that could not take its images: a text-only
+    checkpoint, no processor to make inputs with, prompts too short for the images."""
+    image_tokens = ImageTokens.of(config)
+    if not (checkpoint / PROCESSOR_FILES[0]).is_file():
+        raise ValueError(
+            f"{checkpoint} has no {PROCESSOR_FILES[0]}: an image-text-to-text export ships "
+            "the processor that turns images and chat messages into model inputs. Save it "
+            "into the checkpoint folder first (AutoProcessor.from_pretrained(<hub id>)"
+            ".save_pretrained(folder))."
+        )
+    needed = neuron_config.max_num_images * image_tokens.per_image
+    if needed > neuron_config.max_context_length:
+        raise ValueError(
+            f"max_num_images={neuron_config.max_num_images} images take {needed} image tokens "
+            f"({image_tokens.per_image} each), more than max_context_length="
+            f"{neuron_config.max_context_length}: lower max_num_images or raise "
+            "max_context_length / sequence_length."
+        )
+
+
+def _compile_programs(config, neuron_config, backend, versions, folder: Path) -> dict[str, str]:
     """Compile (or fetch from the compile cache) every program; return their checksums."""
     tp_degree = neuron_config.tp_degree
+    text = text_config(config)
+    image_tokens = ImageTokens.of(config) if neuron_config.has_images else None
     decoder = Gemma3Decoder.skeleton(
         text,
         neuron_config.batch_size,
@@ -95,12 +137,16 @@ def _compile_programs(text, neuron_config, backend, versions, folder: Path) -> d
         neuron_config.torch_dtype,
         tp_degree,
         neuron_config.ops_profile,
+        image_tokens,
     )
+    suffix = backend.program_suffix
     jobs = [
-        (PREFILL, b, prefill_program_name(b, backend.program_suffix))
+        (PREFILL, b, prefill_program_name(b, suffix))
         for b in neuron_config.context_encoding_buckets
     ]
-    jobs.append((DECODE, 1, decode_program_name(backend.program_suffix)))
+    jobs.append((DECODE, 1, decode_program_name(suffix)))
+    if image_tokens is not None:
+        jobs.append((VISION, 1, vision_program_name(suffix)))
     (folder / jobs[0][2]).parent.mkdir(parents=True, exist_ok=True)
     checksums = {}
     shape = {
@@ -111,14 +157,25 @@ def _compile_programs(text, neuron_config, backend, versions, folder: Path) -> d
         "target": neuron_config.target,
         "head_on_host": neuron_config.head_on_host,
         "ops_profile": neuron_config.ops_profile.to_dict(),
+        "image_tokens": None
+        if image_tokens is None
+        else [image_tokens.token_id, image_tokens.per_image],
     }
     # One program serves every rank; tracing a sharded graph needs a process group.
     group = tracing_process_group() if tp_degree > 1 else contextlib.nullcontext()
     with group:
         for kind, length, name in tqdm(jobs, desc="compile", unit="graph"):
-            key = program_key(text.to_dict(), {"kind": kind, "length": length, **shape}, versions)
-            program = GraphProgram(decoder, kind, with_head=not neuron_config.head_on_host)
-            inputs = example_inputs(decoder, kind, length)
+            graph = {"kind": kind, "length": length, **shape}
+            if kind == VISION:
+                encoder = Gemma3VisionEncoder.skeleton(
+                    config, neuron_config.torch_dtype, neuron_config.ops_profile
+                )
+                graph["vision_config"] = config.vision_config.to_dict()
+                program, inputs = VisionProgram(encoder), vision_example_inputs(encoder)
+            else:
+                program = GraphProgram(decoder, kind, with_head=not neuron_config.head_on_host)
+                inputs = example_inputs(decoder, kind, length)
+            key = program_key(text.to_dict(), graph, versions)
             hit = compile_cached(
                 key,
                 backend.program_suffix,
@@ -139,8 +196,15 @@ def _write_weights(checkpoint: Path, text, neuron_config, folder: Path) -> None:
         save_file(shard, folder / name, metadata={"format": "pt"})
 
 
-def _copy_generation_files(checkpoint: Path, folder: Path) -> None:
-    for name in TOKENIZER_FILES:
+def _write_vision_weights(checkpoint: Path, config, neuron_config, folder: Path) -> None:
+    dtype = neuron_config.torch_dtype
+    encoder = Gemma3VisionEncoder.skeleton(config, dtype)
+    tensors = vision_state_dict(checkpoint, encoder, dtype)
+    save_file(tensors, folder / VISION_WEIGHTS_NAME, metadata={"format": "pt"})
+
+
+def _copy_generation_files(checkpoint: Path, folder: Path, with_processor: bool) -> None:
+    for name in TOKENIZER_FILES + (PROCESSOR_FILES if with_processor else ()):
         if (checkpoint / name).is_file():
             shutil.copyfile(checkpoint / name, folder / name)
     try:

@@ -14,6 +14,7 @@ exactly as transformers' slot-space mask does for a left-padded batch.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -87,12 +88,30 @@ def filled_slots(positions: torch.Tensor, cache_len: int) -> torch.Tensor:
     return (positions + 1).clamp(max=cache_len)
 
 
-def prefill_mask(attention_mask: torch.Tensor, window: int | None) -> torch.Tensor:
-    """`[B, 1, S, S]` causal mask over a left-padded prompt, with an optional sliding window.
+def image_blocks(token_type_ids: torch.Tensor) -> torch.Tensor:
+    """`[B, S, S]`: whether query `i` and key `j` are image tokens of the same image.
 
-    Query `i` sees key `j` iff key `j` is a real token, `j <= i` and (sliding) `i - j < W`.
-    With left padding a row's real tokens are contiguous, so index distance equals
-    position distance.
+    An image is a run of consecutive `token_type_ids == 1`, numbered in order, as
+    transformers' `Gemma3Model.forward` groups them (`image_group_ids`).
+    """
+    is_image = token_type_ids == 1
+    starts = is_image & ~F.pad(is_image, (1, 0), value=False)[:, :-1]
+    group = torch.where(is_image, starts.long().cumsum(-1) - 1, -1)
+    same = group[:, :, None] == group[:, None, :]
+    return same & is_image[:, :, None] & is_image[:, None, :]
+
+
+def prefill_mask(
+    attention_mask: torch.Tensor, window: int | None, token_type_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`[B, 1, S, S]` causal mask over a left-padded prompt, with an optional sliding window,
+    opened both ways within each image's tokens (`token_type_ids`).
+
+    Query `i` sees key `j` iff key `j` is a real token and either `j <= i` and (sliding)
+    `i - j < W`, or both are tokens of the same image: transformers' rule, whose
+    `token_type_ids_mask_function` is or-ed into the causal (and window) mask of both layer
+    types before padding is masked. With left padding a row's real tokens are contiguous,
+    so index distance equals position distance.
     """
     prompt_len = attention_mask.shape[1]
     idx = torch.arange(prompt_len, device=attention_mask.device)
@@ -100,4 +119,7 @@ def prefill_mask(attention_mask: torch.Tensor, window: int | None) -> torch.Tens
     allowed = distance >= 0
     if window is not None:
         allowed = allowed & (distance < window)
-    return (allowed[None] & attention_mask.bool()[:, None, :])[:, None]
+    allowed = allowed[None]
+    if token_type_ids is not None:
+        allowed = allowed | image_blocks(token_type_ids)
+    return (allowed & attention_mask.bool()[:, None, :])[:, None]

@@ -7,6 +7,7 @@ layer pattern) comes from `Gemma3TextConfig`, so one code path serves 270m to 27
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from transformers import Gemma3TextConfig, PretrainedConfig
@@ -48,6 +49,32 @@ def text_config(config: PretrainedConfig) -> Gemma3TextConfig:
     if getattr(config, "use_bidirectional_attention", False):
         raise ValueError("use_bidirectional_attention=True (embedding models) is not supported.")
     return config
+
+
+@dataclass(frozen=True)
+class ImageTokens:
+    """Where a multimodal checkpoint's image features enter its text decoder.
+
+    `token_id` is the placeholder the processor writes once per image feature;
+    `per_image` (`mm_tokens_per_image`) is how many features each image has, so also the
+    longest block of image tokens that attend to each other both ways.
+    """
+
+    token_id: int
+    per_image: int
+
+    @classmethod
+    def of(cls, config: PretrainedConfig) -> ImageTokens:
+        """The image tokens of a multimodal `gemma3` config (refusing a text-only one)."""
+        if (
+            config.model_type != MULTIMODAL_MODEL_TYPE
+            or getattr(config, "vision_config", None) is None
+        ):
+            raise ValueError(
+                f"A {config.model_type!r} checkpoint has no vision tower: images need a "
+                f"multimodal {MULTIMODAL_MODEL_TYPE!r} checkpoint (Gemma-3 4b, 12b, 27b)."
+            )
+        return cls(int(config.image_token_id), int(config.mm_tokens_per_image))
 
 
 def rope_frequencies(config: Gemma3TextConfig, layer_type: str) -> tuple[torch.Tensor, float]:

@@ -5,7 +5,9 @@ are thin views of it with the signatures a compiler backend traces:
 
 - prefill(input_ids [B, S], attention_mask [B, S]) -> logits [B, V] of each row's last
   token. Rows are left-padded, so the last real token is at index S - 1 for every row.
-  The caches are filled as a side effect.
+  The caches are filled as a side effect. A decoder built with `image_tokens` (a
+  multimodal checkpoint's) also takes the image features at the image-token positions
+  and `token_type_ids`, whose image blocks attend both ways (see `cache.prefill_mask`).
 - decode(input_ids [B, 1], positions [B]) -> logits [B, V]. `positions` is the index of
   the new token among the row's real tokens (the prompt length on the first step).
 
@@ -22,7 +24,7 @@ from torch import nn
 from transformers import Gemma3TextConfig
 
 from .cache import KVCache, decode_mask, fill_index, filled_slots, prefill_mask
-from .config import FULL, LAYER_TYPES, SLIDING, rope_frequencies, text_config
+from .config import FULL, LAYER_TYPES, SLIDING, ImageTokens, rope_frequencies, text_config
 from .layers import (
     MLP,
     Linear,
@@ -50,6 +52,7 @@ class LayerInputs:
     fill_index: torch.Tensor | None = None  # prefill: which prompt token fills each slot
     slots: torch.Tensor | None = None  # prefill: the cache row each prompt fills
     window: int | None = None  # prefill: the sliding window (None: full attention)
+    image_reach: int = 0  # prefill: how far beyond causal range an image token may see
 
 
 class Attention(nn.Module):
@@ -106,7 +109,9 @@ class Attention(nn.Module):
         if inputs.fill_index is not None:
             # Prefill starts from an empty cache: attend within the prompt, then store it.
             self.cache.fill(k, v, inputs.fill_index, inputs.slots)
-            out = blocked_prefill_attention(q, k, v, mask, self.scale, inputs.window, ops=self.ops)
+            out = blocked_prefill_attention(
+                q, k, v, mask, self.scale, inputs.window, inputs.image_reach, ops=self.ops
+            )
         else:
             k, v = self.cache.update(k, v, inputs.positions)
             out = decode_attention(q, k, v, mask, inputs.filled, self.scale, self.ops)
@@ -167,6 +172,7 @@ class Gemma3Decoder(nn.Module):
     module traced with a different input shape. With `tp_degree > 1` it is one rank's
     slice of the model (see `parallel`): the same graph on every rank, its rank a weight.
     `ops` says which forms of products, attention and gelu its graphs use (see `ops`).
+    `image_tokens` (a multimodal checkpoint's) gives prefill its image inputs.
     """
 
     def __init__(
@@ -177,11 +183,13 @@ class Gemma3Decoder(nn.Module):
         dtype: torch.dtype = torch.float32,
         tp_degree: int = 1,
         ops: OpsProfile = PLAIN,
+        image_tokens: ImageTokens | None = None,
     ):
         super().__init__()
         config = text_config(config)
         self.config = config
         self.ops = ops
+        self.image_tokens = image_tokens
         self.layout = layout = TensorParallelLayout.for_config(config, tp_degree)
         self.batch_size = batch_size
         self.sequence_length = sequence_length
@@ -233,6 +241,7 @@ class Gemma3Decoder(nn.Module):
         dtype: torch.dtype,
         tp_degree: int = 1,
         ops: OpsProfile = PLAIN,
+        image_tokens: ImageTokens | None = None,
     ):
         """A decoder with uninitialized weights and caches, built without initialization cost.
 
@@ -240,7 +249,7 @@ class Gemma3Decoder(nn.Module):
         list cache shapes; the fixed fp32 tables are computed for real.
         """
         with torch.device("meta"):
-            decoder = cls(config, batch_size, sequence_length, dtype, tp_degree, ops)
+            decoder = cls(config, batch_size, sequence_length, dtype, tp_degree, ops, image_tokens)
         decoder.to_empty(device="cpu")
         decoder.init_constants()
         return decoder
@@ -267,6 +276,17 @@ class Gemma3Decoder(nn.Module):
             rows = self.embed_tokens(torch.where(owned, local, 0)) * owned[..., None]
             rows = all_reduce(rows)
         return rows * self.embed_scale.to(weight.dtype)
+
+    def _embed_with_images(
+        self, input_ids: torch.Tensor, image_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        """Token embeddings, with `image_embeds` `[B, S, hidden]` (unscaled projector
+        outputs) in place of every image token's, as transformers' `masked_scatter`; the
+        image token's own id is looked up as pad (0) in case it lies outside the vocabulary.
+        """
+        is_image = input_ids == self.image_tokens.token_id
+        text = self._embed(torch.where(is_image, 0, input_ids))
+        return torch.where(is_image[..., None], image_embeds.to(text.dtype), text)
 
     def head_weight(self) -> torch.Tensor:
         """The vocabulary head's weight (`head_weight_name`)."""
@@ -299,10 +319,17 @@ class Gemma3Decoder(nn.Module):
         attention_mask: torch.Tensor,
         slots: torch.Tensor | None = None,
         with_head: bool = True,
+        image_embeds: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run left-padded prompts `[B, S]`, fill their cache rows `slots` (default: rows
         0..B-1) and return last-token logits (or, without the head, the final-normed
         hidden states the head takes). Other cache rows are left as they are.
+
+        With images (a decoder built with `image_tokens`): `image_embeds` `[B, S, hidden]`
+        holds each image token's feature at its position (anything elsewhere), and
+        `token_type_ids` `[B, S]` marks the tokens whose image blocks attend both ways
+        (all zeros: causal only, as transformers without token types).
 
         The compiled prefill takes one prompt (B = 1) and its slot: a row's numbers then
         depend on its own prompt only, never on the other rows or their lengths.
@@ -312,22 +339,28 @@ class Gemma3Decoder(nn.Module):
         prompt_len = input_ids.shape[1]
         lengths = attention_mask.sum(-1)
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        reach = 0 if token_type_ids is None else self.image_tokens.per_image - 1
         inputs = {}
         for kind in LAYER_TYPES:
             cos, sin = self.rotary[kind](positions, self.dtype)
             inputs[kind] = LayerInputs(
                 cos,
                 sin,
-                prefill_mask(attention_mask, self.window[kind]),
+                prefill_mask(attention_mask, self.window[kind], token_type_ids),
                 fill_index=fill_index(lengths, prompt_len, self.cache_len[kind]),
                 slots=slots,
                 window=self.window[kind],
+                image_reach=reach,
             )
+        if image_embeds is None:
+            h = self._embed(input_ids)
+        else:
+            h = self._embed_with_images(input_ids, image_embeds)
         # Only the last token's logits are returned, so the last layer computes attention,
         # MLP and norms for that token alone: its other tokens' outputs would feed nothing
         # (a 1/num_layers share of the prefill's products). The last token's result is the
         # same computation; only its one-row products may sum in another order.
-        h = self._run_layers(self._embed(input_ids), inputs, last_token_only=True)
+        h = self._run_layers(h, inputs, last_token_only=True)
         return self._output(h, with_head)
 
     def decode(
@@ -352,7 +385,7 @@ class Gemma3Decoder(nn.Module):
 
 class PrefillGraph(nn.Module):
     """`Gemma3Decoder.prefill` of one prompt into one cache row, as a module's forward, for
-    tracing one prompt bucket."""
+    tracing one prompt bucket (with the image inputs where the decoder takes them)."""
 
     def __init__(self, decoder: Gemma3Decoder, with_head: bool = True):
         super().__init__()
@@ -360,9 +393,13 @@ class PrefillGraph(nn.Module):
         self.with_head = with_head
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, slot: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        slot: torch.Tensor,
+        *image_inputs: torch.Tensor,
     ) -> torch.Tensor:
-        return self.decoder.prefill(input_ids, attention_mask, slot, self.with_head)
+        return self.decoder.prefill(input_ids, attention_mask, slot, self.with_head, *image_inputs)
 
 
 class DecodeGraph(nn.Module):

@@ -231,9 +231,12 @@ def blocked_prefill_attention(
     mask: torch.Tensor,
     scale: float,
     window: int | None,
+    image_reach: int = 0,
 ) -> torch.Tensor:
     """`grouped_attention` over a prompt, one block of queries at a time, each over only
-    the keys it can see: `[start - window + 1, end)` (sliding) or `[0, end)` (full).
+    the keys it can see: `[start - window + 1, end)` (sliding) or `[0, end)` (full),
+    widened by `image_reach` (the longest image block less one) on both sides where image
+    tokens see the other tokens of their image, before and after them.
 
     Why: one `[S, S]` product computes every masked score too; at 2000 tokens a sliding
     layer needs a quarter of them and a full layer about half. Exact: the keys left out
@@ -248,13 +251,14 @@ def blocked_prefill_attention(
     blocks = []
     for start in range(0, length, PREFILL_QUERY_BLOCK):
         end = min(start + PREFILL_QUERY_BLOCK, length)
-        first = 0 if window is None else max(0, start - window + 1)
+        first = 0 if window is None else max(0, start - max(window - 1, image_reach))
+        last = min(length, end + image_reach)
         blocks.append(
             grouped_attention(
                 q[:, :, start:end],
-                k[:, :, first:end],
-                v[:, :, first:end],
-                mask[:, :, start:end, first:end],
+                k[:, :, first:last],
+                v[:, :, first:last],
+                mask[:, :, start:end, first:last],
                 scale,
                 ops=PLAIN,
             )

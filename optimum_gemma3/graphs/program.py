@@ -14,9 +14,11 @@ from torch import nn
 from torch.func import functional_call
 
 from .decoder import DecodeGraph, Gemma3Decoder, PrefillGraph
+from .vision import Gemma3VisionEncoder
 
 PREFILL = "prefill"
 DECODE = "decode"
+VISION = "vision"
 
 
 class GraphProgram(nn.Module):
@@ -41,10 +43,24 @@ class GraphProgram(nn.Module):
         caches: dict[str, torch.Tensor],
         *inputs: torch.Tensor,
     ) -> torch.Tensor:
-        """Prefill: `(input_ids [1, S], attention_mask [1, S], slot [1])`; decode:
+        """Prefill: `(input_ids [1, S], attention_mask [1, S], slot [1])`, then with images
+        `(image_embeds [1, S, hidden], token_type_ids [1, S])`; decode:
         `(input_ids [B, 1], positions [B])`."""
         state = {f"decoder.{name}": tensor for name, tensor in {**weights, **caches}.items()}
         return functional_call(self._graph[0], state, inputs)
+
+
+class VisionProgram(nn.Module):
+    """`Gemma3VisionEncoder` with its weights passed in as a dict: one image's pixels
+    `[1, 3, H, W]` (fp32, as processors give them) to its features `[1, T, hidden]`."""
+
+    def __init__(self, encoder: Gemma3VisionEncoder):
+        super().__init__()
+        self._encoder = (encoder,)  # outside the module tree, as in `GraphProgram`
+        self.kind = VISION
+
+    def forward(self, weights: dict[str, torch.Tensor], pixel_values: torch.Tensor):
+        return functional_call(self._encoder[0], weights, (pixel_values,))
 
 
 def canonical(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -67,12 +83,32 @@ def weight_tensors(decoder: Gemma3Decoder) -> dict[str, torch.Tensor]:
     return canonical(dict(decoder.named_parameters()))
 
 
+def image_inputs(decoder: Gemma3Decoder, prompt_length: int) -> tuple:
+    """A multimodal prefill's image inputs for a prompt without images: no features, no
+    image tokens (also what a text-only prompt passes). Empty for a text-only decoder."""
+    if decoder.image_tokens is None:
+        return ()
+    hidden = decoder.config.hidden_size
+    return (
+        torch.zeros(1, prompt_length, hidden, dtype=decoder.dtype),
+        torch.zeros(1, prompt_length, dtype=torch.long),
+    )
+
+
 def example_inputs(decoder: Gemma3Decoder, kind: str, prompt_length: int | None = None) -> tuple:
     """Static-shape example inputs for tracing one program (a prefill bucket or decode)."""
     if kind == PREFILL:  # one prompt into one cache row (see `Gemma3Decoder.prefill`)
         ids = torch.zeros(1, prompt_length, dtype=torch.long)
         extra = (torch.ones_like(ids), torch.zeros(1, dtype=torch.long))
+        extra += image_inputs(decoder, prompt_length)
     else:
         ids = torch.zeros(decoder.batch_size, 1, dtype=torch.long)
         extra = (torch.zeros(decoder.batch_size, dtype=torch.long),)
     return weight_tensors(decoder), cache_tensors(decoder), ids, *extra
+
+
+def vision_example_inputs(encoder: Gemma3VisionEncoder) -> tuple:
+    """Example inputs for tracing the vision program: its weights and one image."""
+    size = encoder.image_size
+    pixels = torch.zeros(1, encoder.num_channels, size, size)
+    return canonical(dict(encoder.named_parameters())), pixels

@@ -352,6 +352,7 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
         Concurrent calls are safe: they run one at a time (the model holds one set of KV
         caches), each returning what it would alone.
         """
+        prefill, prefill_inputs = self._prompt_inputs(input_ids, kwargs)
         prepared = self._prepare_generation(
             input_ids,
             attention_mask,
@@ -368,7 +369,7 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
         # The whole call holds the lock: every step reads and writes the runtime's caches.
         with self._generate_lock, torch.inference_mode():
             output = decode_loop(
-                self.runtime.prefill,
+                prefill,
                 self.runtime.decode,
                 input_ids,
                 prepared.attention_mask,
@@ -381,6 +382,7 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
                 streamer=streamer,
                 output_logits=as_dict and bool(generation_config.output_logits),
                 output_scores=as_dict and generation_config.output_scores,
+                prefill_inputs=prefill_inputs,
             )
         if not as_dict:
             return output.sequences
@@ -389,6 +391,17 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
             scores=output.scores if generation_config.output_scores else None,
             logits=output.raw_logits if generation_config.output_logits else None,
         )
+
+    def _prompt_inputs(self, input_ids: torch.Tensor, model_inputs: dict) -> tuple:
+        """The prefill function `generate()` runs and its per-token inputs, taking the model
+        inputs it handles out of `model_inputs`. A text model takes no images."""
+        if model_inputs.pop("pixel_values", None) is not None:
+            raise ValueError(
+                "generate() got pixel_values, but Gemma3NeuronModelForCausalLM generates from "
+                "text only: load an image-text-to-text export with "
+                "optimum_gemma3.Gemma3NeuronModelForImageTextToText to give it images."
+            )
+        return self.runtime.prefill, ()
 
     def forward(
         self,

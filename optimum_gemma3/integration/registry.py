@@ -3,8 +3,10 @@
 `register()` (run by `import optimum_gemma3`) registers `Gemma3NeuronModelForCausalLM`
 in optimum-neuron's model registry for `("gemma3_text" | "gemma3", "text-generation",
 "inference")`, which is how `NeuronModelForCausalLM.from_pretrained / get_neuron_config /
-export` find a model class. An entry optimum-neuron already holds there (its own Gemma-3)
-is kept: see "Which implementation" below.
+export` find a model class, and `Gemma3NeuronModelForImageTextToText` for `("gemma3",
+"image-text-to-text", "inference")` (optimum-neuron 0.4.x has no auto class for that task
+to route; `get_neuron_model_class` finds it). An entry optimum-neuron already holds there
+(its own Gemma-3) is kept: see "Which implementation" below.
 
 The compatibility layer: optimum-neuron 0.4.x's lookup (`get_neuron_model_class` ->
 `has_neuron_model_class`) first imports `optimum.neuron.models.inference.auto_models`,
@@ -49,9 +51,11 @@ from ..artifact.files import NEURON_CONFIG_NAME
 from ..compiler import CPU_TARGETS
 from ..compiler.neuron import missing_sdk_packages
 from ..constants import (
+    IMAGE_TASK,
     IMPLEMENTATION_ENV,
     IMPLEMENTATIONS,
     MODEL_TYPES,
+    MULTIMODAL_MODEL_TYPE,
     OPTIMUM_GEMMA3,
     OPTIMUM_NEURON,
     REGISTRY_MODE,
@@ -74,13 +78,15 @@ class UnsupportedModelError(ValueError):
     """
 
 
-def register(model_class: type) -> None:
-    """Register `model_class` for Gemma-3 text generation and install the lookup wrappers."""
-    for model_type in MODEL_TYPES:
-        key = (model_type, TASK, REGISTRY_MODE)
-        _OUR_CLASSES[key] = model_class
+def register(model_class: type, image_class: type) -> None:
+    """Register `model_class` for Gemma-3 text generation and `image_class` for multimodal
+    Gemma-3's image-text-to-text, and install the lookup wrappers."""
+    keys = [((model_type, TASK, REGISTRY_MODE), model_class) for model_type in MODEL_TYPES]
+    keys.append(((MULTIMODAL_MODEL_TYPE, IMAGE_TASK, REGISTRY_MODE), image_class))
+    for key, registered in keys:
+        _OUR_CLASSES[key] = registered
         if key not in auto_model._REGISTERED_NEURON_MODELS:  # keep optimum-neuron's own
-            auto_model.register_neuron_model(*key)(model_class)
+            auto_model.register_neuron_model(*key)(registered)
     if not getattr(modeling_utils.get_neuron_model_class, "_optimum_gemma3", False):
         modeling_utils.get_neuron_model_class = _lookup_with_gemma3(
             modeling_utils.get_neuron_model_class

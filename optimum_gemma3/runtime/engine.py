@@ -10,7 +10,9 @@ model source for the programs.
 Each rank engine owns its weights and one set of KV caches shared by all its programs;
 callers pass user-sized batches and, for continuous batching, the cache rows (slots)
 they own: each prompt is prefilled alone into its slot, in the smallest bucket that holds
-it, and decode runs the compiled batch with the other slots idle.
+it, and decode runs the compiled batch with the other slots idle. An image-text-to-text
+artifact adds its vision program (`VisionEngine`), and its prefill takes each prompt's
+image features and token types.
 """
 
 from __future__ import annotations
@@ -23,14 +25,17 @@ import torch
 from transformers import AutoConfig
 
 from ..artifact.checks import check_host_runs, check_versions, load_neuron_config
+from ..artifact.files import PROCESSOR_FILES, verify_file
 from ..compiler import backend_for_target
 from ..graphs import text_config
+from ..graphs.config import ImageTokens
 from ..graphs.decoder import head_weight_name
 from .head import HostHead
 from .logits import NextTokenLogits
 from .loop import left_align
 from .pool import RankPool
 from .rank import RankEngine
+from .vision import VisionEngine
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +64,13 @@ class Gemma3Runtime:
             self.engine = RankEngine(folder, nc, text, token=token)
         else:
             self.engine = RankPool(folder, nc, text.vocab_size, token)
+        self.image_tokens = self.vision = None
+        if nc.has_images:
+            self.image_tokens = ImageTokens.of(self.config)
+            self.vision = VisionEngine(folder, nc, self.config)
+            for name in PROCESSOR_FILES:  # a folder copied without its processor is refused
+                if name in nc.artifact_files:
+                    verify_file(folder, name)
         self.head = None
         if nc.head_on_host:
             self.head = HostHead(self.engine.weights[head_weight_name(text)], nc.ops_profile)
@@ -78,12 +90,17 @@ class Gemma3Runtime:
         """
         with torch.inference_mode():
             ids = torch.full((1, self.buckets[0]), self.pad_token_id)
-            hidden = self.engine.prefill(ids, torch.ones_like(ids), torch.tensor([0]))
+            image_inputs = self._image_inputs(ids, None, None)
+            hidden = self.engine.prefill(
+                ids, torch.ones_like(ids), torch.tensor([0]), *image_inputs
+            )
             self._next_token_logits(hidden).near_top(1)
             ids = torch.full((self.batch_size, 1), self.pad_token_id)
             self.engine.decode(ids, torch.zeros(self.batch_size, dtype=torch.long))
             self.engine.zero_caches()
             self._next_positions.zero_()
+            if self.vision is not None:
+                self.vision.encode(torch.zeros(1, *self.vision.image_shape))
 
     def close(self) -> None:
         """Stop the rank processes of a tensor-parallel model (also done when collected)."""
@@ -131,6 +148,38 @@ class Gemma3Runtime:
             )
         return slots
 
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Image features `[N, mm_tokens_per_image, hidden]` of `[N, C, H, W]` pixels."""
+        if self.vision is None:
+            raise ValueError(
+                "This model was exported for text-generation and has no vision program: "
+                "export the multimodal checkpoint with task='image-text-to-text' "
+                "(Gemma3NeuronModelForImageTextToText) to give it images."
+            )
+        with torch.inference_mode():
+            return self.vision.encode(pixel_values)
+
+    def _image_inputs(
+        self,
+        input_ids: torch.Tensor,
+        image_embeds: torch.Tensor | None,
+        token_type_ids: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, ...]:
+        """The prefill's per-token image inputs `(image_embeds, token_type_ids)`, zeros where
+        not given (no images, causal only); `()` for a text-only artifact."""
+        if self.image_tokens is None:
+            if image_embeds is not None or token_type_ids is not None:
+                self.encode_images(torch.empty(0))  # raises: no vision program
+            return ()
+        rows, width = input_ids.shape
+        if image_embeds is None:
+            hidden = self.config.get_text_config().hidden_size
+            image_embeds = torch.zeros(rows, width, hidden, dtype=self.neuron_config.torch_dtype)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        check_image_blocks(token_type_ids, self.image_tokens.per_image)
+        return image_embeds, token_type_ids.to(torch.long)
+
     def _next_token_logits(self, output: torch.Tensor) -> NextTokenLogits:
         """A program's output rows as logits: its own, or those the head computes from it."""
         if self.head is None:
@@ -142,22 +191,31 @@ class Gemma3Runtime:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         slots: Sequence[int] | None = None,
+        image_embeds: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
     ) -> NextTokenLogits:
         """Logits `[rows, V]` of each prompt's last token, computed as far as they are read;
         fills cache rows `slots` (default 0..rows-1) and no other.
 
         Each prompt runs alone, in the smallest bucket that holds it, into its own cache
         row: its numbers are the same whichever prompts share the batch, and a request can
-        join a batch being decoded.
+        join a batch being decoded. With images (an image-text-to-text artifact),
+        `image_embeds` `[rows, S, hidden]` holds the image features at the image-token
+        positions and `token_type_ids` `[rows, S]` marks the image blocks.
         """
         slots = self._slots(input_ids.shape[0], slots)
+        image_inputs = self._image_inputs(input_ids, image_embeds, token_type_ids)
         outputs = []
-        for ids, mask, slot in zip(input_ids, attention_mask, slots, strict=True):
+        for row, (ids, mask, slot) in enumerate(zip(input_ids, attention_mask, slots, strict=True)):
             length = int(mask.sum())
-            ids, mask = left_align(
-                ids[None], mask[None], self.pad_token_id, self.bucket_for(length)
+            ids, mask, *extras = left_align(
+                ids[None],
+                mask[None],
+                self.pad_token_id,
+                self.bucket_for(length),
+                *(values[row : row + 1] for values in image_inputs),
             )
-            outputs.append(self.engine.prefill(ids, mask, slot[None]))
+            outputs.append(self.engine.prefill(ids, mask, slot[None], *extras))
             self._next_positions[slot] = length
         return self._next_token_logits(torch.cat(outputs))
 
@@ -190,3 +248,19 @@ class Gemma3Runtime:
         output = self.engine.decode(ids, all_positions)
         self._next_positions[slots] = positions + 1
         return self._next_token_logits(output[slots])
+
+
+def check_image_blocks(token_type_ids: torch.Tensor, per_image: int) -> None:
+    """Refuse a run of image tokens (`token_type_ids == 1`) longer than one image's
+    `per_image` tokens: the processor separates images by `<start_of_image>` /
+    `<end_of_image>`, and the compiled prefill widens its attention by one image only."""
+    is_image = torch.nn.functional.pad(token_type_ids == 1, (1, 1), value=False).long()
+    edges = is_image.diff(dim=-1)
+    starts, ends = (edges == 1).nonzero()[:, 1], (edges == -1).nonzero()[:, 1]
+    longest = int((ends - starts).max()) if len(starts) else 0
+    if longest > per_image:
+        raise ValueError(
+            f"token_type_ids hold a block of {longest} consecutive image tokens; each image "
+            f"has {per_image} (mm_tokens_per_image), and images are separated by "
+            "<start_of_image> / <end_of_image> as the model's processor writes them."
+        )

@@ -21,13 +21,19 @@ DecodeFn = Callable[[torch.Tensor, torch.Tensor], NextTokenLogits]
 
 
 def left_align(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int, length: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    pad_token_id: int,
+    length: int,
+    *per_token: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
     """Move each row's real tokens to the right end of a `length`-wide batch.
 
     Accepts left-, right- or un-padded input, wider or narrower than `length` as long as
     every row's real tokens fit; the graphs require left padding with contiguous real
-    tokens, which is what this returns.
+    tokens, which is what this returns: `(ids, mask, *per_token)`, where each `per_token`
+    tensor (`[B, S, ...]`: image features, token types) moves with its tokens and is zero
+    at padding.
     """
     attention_mask = attention_mask.to(torch.long)
     lengths = attention_mask.sum(-1)
@@ -35,15 +41,24 @@ def left_align(
         raise ValueError(f"Cannot fit a prompt of {int(lengths.max())} tokens into {length}.")
     # A stable sort puts padding (0) first and keeps the real tokens in order.
     order = torch.sort(attention_mask, dim=-1, stable=True).indices
-    ids = torch.gather(input_ids, 1, order)
-    width = ids.shape[1]
-    if width >= length:
-        ids = ids[:, width - length :]
-    else:
-        padding = torch.full((ids.shape[0], length - width), pad_token_id, dtype=ids.dtype)
-        ids = torch.cat([padding, ids], dim=1)
     mask = (torch.arange(length) >= (length - lengths)[:, None]).to(torch.long)
-    return torch.where(mask.bool(), ids, pad_token_id), mask
+    ids = _aligned(input_ids, order, mask, pad_token_id)
+    return ids, mask, *(_aligned(values, order, mask, 0) for values in per_token)
+
+
+def _aligned(values: torch.Tensor, order: torch.Tensor, mask: torch.Tensor, fill) -> torch.Tensor:
+    """`values` `[B, S, ...]` reordered by `order`, cut or left-padded to the width of
+    `mask`, `fill` wherever `mask` is 0."""
+    index = order.reshape(*order.shape, *[1] * (values.dim() - 2)).expand_as(values)
+    values = torch.gather(values, 1, index)
+    width, length = values.shape[1], mask.shape[1]
+    if width >= length:
+        values = values[:, width - length :]
+    else:
+        padding = values.new_full((values.shape[0], length - width, *values.shape[2:]), fill)
+        values = torch.cat([padding, values], dim=1)
+    keep = mask.bool().reshape(*mask.shape, *[1] * (values.dim() - 2))
+    return torch.where(keep, values, fill)
 
 
 @dataclass
@@ -77,6 +92,7 @@ def decode_loop(
     forced_tokens: torch.Tensor | None = None,
     output_logits: bool = False,
     output_scores: bool = False,
+    prefill_inputs: tuple[torch.Tensor, ...] = (),
 ) -> GenerationOutput:
     """transformers' sampling/greedy loop (`GenerationMixin._sample`) over the two graphs.
 
@@ -92,11 +108,16 @@ def decode_loop(
     processed scores only with `output_scores`; both make every step compute every logit.
     Otherwise greedy and top-k sampling steps whose processors and criteria allow it
     (`screened_selection`) compute only the logits their selection can pick: the same
-    tokens (and the same draws), a fraction of the head.
+    tokens (and the same draws), a fraction of the head. `prefill_inputs` (`[B, S, ...]`
+    each: image features, token types) follow their tokens into the prefill call.
     """
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
-    ids, mask = left_align(
-        input_ids, attention_mask, pad_token_id, prompt_length or input_ids.shape[1]
+    ids, mask, *aligned = left_align(
+        input_ids,
+        attention_mask,
+        pad_token_id,
+        prompt_length or input_ids.shape[1],
+        *prefill_inputs,
     )
     positions = mask.sum(-1)
     sequences = input_ids
@@ -109,7 +130,7 @@ def decode_loop(
         else screened_selection(logits_processor, do_sample)
     )
     all_logits, all_scores = [], []
-    next_logits = prefill(ids, mask)
+    next_logits = prefill(ids, mask, *aligned)
     for step in range(max_new_tokens):
         logits, scores = step_scores(next_logits, sequences, logits_processor, screen)
         if output_logits:

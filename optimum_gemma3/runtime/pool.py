@@ -145,8 +145,10 @@ class RankPool:
     def pids(self) -> list[int]:
         return [process.pid for process in self._processes]
 
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        return self._call("prefill", ids, mask, slot)
+    def prefill(
+        self, ids: torch.Tensor, mask: torch.Tensor, slot: torch.Tensor, *image_inputs
+    ) -> torch.Tensor:
+        return self._call("prefill", ids, mask, slot, *image_inputs)
 
     def decode(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self._call("decode", ids, positions)

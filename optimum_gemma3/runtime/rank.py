@@ -53,9 +53,13 @@ class RankEngine:
         self.weights = canonical(_load_rank_weights(folder, nc, text, skeleton, rank, token))
         self.caches = {name: torch.zeros_like(t) for name, t in cache_tensors(skeleton).items()}
 
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        """One prompt `[1, bucket]` into cache row `slot` `[1]`."""
-        return self.prefill_programs[ids.shape[1]](self.weights, self.caches, ids, mask, slot)
+    def prefill(
+        self, ids: torch.Tensor, mask: torch.Tensor, slot: torch.Tensor, *image_inputs
+    ) -> torch.Tensor:
+        """One prompt `[1, bucket]` into cache row `slot` `[1]`, with its image features and
+        token types where the artifact takes images."""
+        program = self.prefill_programs[ids.shape[1]]
+        return program(self.weights, self.caches, ids, mask, slot, *image_inputs)
 
     def decode(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.decode_program(self.weights, self.caches, ids, positions)
