@@ -5,8 +5,9 @@ optimum-neuron registers its own `export neuron` command only when the SDK is in
 gap for Gemma-3: it reads the same flag names as optimum-neuron's command (`--model`,
 `--task`, `--batch_size`, `--sequence_length`, `--num_cores`, `--auto_cast_type`,
 `--torch_dtype`, `--instance_type`, positional output), builds the export config with
-`Gemma3NeuronModelForCausalLM.get_neuron_config`, compiles with `.export` and writes the
-artifact folder with `.save_pretrained`.
+`Gemma3NeuronModelForCausalLM.get_neuron_config` (`--task image-text-to-text`:
+`Gemma3NeuronModelForImageTextToText`'s, with `--max_num_images`), compiles with `.export`
+and writes the artifact folder with `.save_pretrained`.
 
 optimum-cli builds every registered parser at start-up, so this module imports only
 argparse and `optimum.commands`; the model stack is imported by `run()`. (Importing it
@@ -29,6 +30,7 @@ from pathlib import Path
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 
 from ..constants import (
+    IMAGE_TASK,
     IMPLEMENTATION_ENV,
     IMPLEMENTATIONS,
     MODEL_TYPES,
@@ -50,11 +52,15 @@ class CliError(Exception):
     """A user error reported as one line (no traceback)."""
 
 
+TASKS = (TASK, IMAGE_TASK)
+
+
 def _task(value: str) -> str:
-    """argparse type for `--task`: Gemma-3 is exported for text generation only."""
-    if value != TASK:
+    """argparse type for `--task`: text generation, or image-text-to-text (multimodal)."""
+    if value not in TASKS:
         raise argparse.ArgumentTypeError(
-            f"{value!r} is not supported: optimum-gemma3 exports Gemma-3 models for {TASK!r} only."
+            f"{value!r} is not supported: optimum-gemma3 exports Gemma-3 models for {TASK!r} "
+            f"and, multimodal checkpoints, {IMAGE_TASK!r}."
         )
     return value
 
@@ -98,7 +104,8 @@ def parse_args_gemma3(parser: argparse.ArgumentParser) -> None:
         "--task",
         type=_task,
         default=TASK,
-        help=f"The task to export the model for: only {TASK!r} (the default).",
+        help=f"The task to export the model for: {TASK!r} (the default) or {IMAGE_TASK!r} "
+        "(multimodal gemma3 checkpoints: adds the vision program and the processor).",
     )
     optional.add_argument(
         "--instance_type",
@@ -177,6 +184,14 @@ def parse_args_gemma3(parser: argparse.ArgumentParser) -> None:
         "powers of two from 128 up to max_context_length). It takes every word that follows, "
         "so give the output folder before it, or another option or -- after it.",
     )
+    shapes.add_argument(
+        "--max_num_images",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"{IMAGE_TASK} only: the most images one prompt may hold (default 4, or as many "
+        "as max_context_length has room for).",
+    )
 
 
 class Gemma3NeuronExportCommand(BaseOptimumCLICommand):
@@ -253,6 +268,7 @@ def export_gemma3_if_supported(foreign_args: argparse.Namespace) -> bool:
         "revision",
         "token",
         "implementation",
+        "max_num_images",
     ):
         value = getattr(foreign_args, name, None)
         if value is not None:
@@ -298,6 +314,7 @@ def _compiled_by_optimum_gemma3(args: argparse.Namespace, model_type: str) -> bo
 
 def _export(args: argparse.Namespace, config) -> Path:
     """Compile the Gemma-3 checkpoint `args.model` and save it to `args.output`."""
+    from .image_text import Gemma3NeuronModelForImageTextToText
     from .modeling import Gemma3NeuronModelForCausalLM
 
     _check_output(Path(args.output))
@@ -305,8 +322,14 @@ def _export(args: argparse.Namespace, config) -> Path:
     buckets = args.context_encoding_buckets
     if buckets is not None:
         buckets = [length for word in buckets for length in word]
+    model_class, image_options = Gemma3NeuronModelForCausalLM, {}
+    if args.task == IMAGE_TASK:
+        model_class = Gemma3NeuronModelForImageTextToText
+        image_options = {"max_num_images": args.max_num_images}
+    elif args.max_num_images is not None:
+        raise CliError(f"--max_num_images applies to --task {IMAGE_TASK} only.")
 
-    neuron_config = Gemma3NeuronModelForCausalLM.get_neuron_config(
+    neuron_config = model_class.get_neuron_config(
         args.model,
         config=config,
         token=args.token,
@@ -318,6 +341,7 @@ def _export(args: argparse.Namespace, config) -> Path:
         torch_dtype=args.torch_dtype,
         max_context_length=args.max_context_length,
         context_encoding_buckets=buckets,
+        **image_options,
     )
     logger.info(
         "Exporting %s for %s: batch_size=%d, sequence_length=%d, context_encoding_buckets=%s, "
@@ -331,7 +355,7 @@ def _export(args: argparse.Namespace, config) -> Path:
         ", without weights" if args.no_weights else "",
     )
     start = time.perf_counter()
-    model = Gemma3NeuronModelForCausalLM.export(
+    model = model_class.export(
         args.model,
         neuron_config,
         token=args.token,
@@ -341,8 +365,9 @@ def _export(args: argparse.Namespace, config) -> Path:
     logger.info("Export done in %.1f s; saving to %s.", time.perf_counter() - start, args.output)
     folder = model.save_pretrained(args.output)
     logger.info(
-        "Saved %s. Load it with Gemma3NeuronModelForCausalLM.from_pretrained(%r).",
+        "Saved %s. Load it with %s.from_pretrained(%r).",
         folder,
+        model_class.__name__,
         str(folder),
     )
     return folder

@@ -52,7 +52,7 @@ from ..artifact.files import (
     weights_name,
 )
 from ..compiler import backend_for_target
-from ..constants import TASK
+from ..constants import IMAGE_TASK, TASK
 from ..paths import replaced_atomically
 
 if TYPE_CHECKING:
@@ -110,7 +110,7 @@ def model_card(
     data = ModelCardData(
         base_model=base_model,
         library_name=LIBRARY_NAME,
-        pipeline_tag=TASK,
+        pipeline_tag=IMAGE_TASK if neuron_config.has_images else TASK,
         tags=tags,
     )
     body = _card_body(neuron_config, repo_id, revision, has_tokenizer, base_model, endpoint)
@@ -151,6 +151,8 @@ def _card_body(
         ("torch", recorded["torch_version"]),
         ("compiler", f"{recorded['compiler']} {recorded['compiler_version']}"),
     ]  # fmt: skip
+    if nc.has_images:
+        rows.insert(4, ("max_num_images (images per prompt)", nc.max_num_images))
     table = "\n".join(f"| {name} | `{value}` |" for name, value in rows)
     imports = (
         "import optimum_gemma3  # registers Gemma-3 with optimum-neuron\n"
@@ -177,7 +179,7 @@ compiles nothing. Use of the weights is subject to the license of the source che
 The programs are tied to these versions: loading refuses another optimum-gemma3,
 optimum-neuron, torch or compiler version. A call takes at most `batch_size` prompts of at
 most `max_context_length` tokens; prompt plus new tokens must fit in `sequence_length`.
-
+{_image_usage(load_args) if nc.has_images else ""}
 ## Usage
 
 ```python
@@ -196,6 +198,29 @@ With a transformers pipeline:
 {load}generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
 print(generator("The capital of France is", max_new_tokens=32)[0]["generated_text"])
 ```
+"""
+
+
+def _image_usage(load_args: str) -> str:
+    """The card's section on images, for an image-text-to-text export."""
+    return f"""
+## Usage with images
+
+```python
+from optimum_gemma3 import Gemma3NeuronModelForImageTextToText
+from transformers import AutoProcessor, pipeline
+
+model = Gemma3NeuronModelForImageTextToText.from_pretrained({load_args})
+processor = AutoProcessor.from_pretrained({load_args})
+pipe = pipeline("{IMAGE_TASK}", model=model, processor=processor)
+messages = [{{"role": "user", "content": [
+    {{"type": "image", "url": "photo.jpg"}},
+    {{"type": "text", "text": "Describe this image."}},
+]}}]
+print(pipe(text=messages, max_new_tokens=64, return_full_text=False)[0]["generated_text"])
+```
+
+Text-only prompts work through the same model and the usage below.
 """
 
 
