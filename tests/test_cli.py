@@ -294,7 +294,7 @@ def test_other_task_is_refused(monkeypatch, capsys, tmp_path):
     )
     assert code == 2
     assert "argument --task: 'fill-mask' is not supported" in err
-    assert "'text-generation' only" in err
+    assert "for 'text-generation' and, multimodal checkpoints, 'image-text-to-text'" in err
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from optimum.neuron.models.inference import modeling_utils
 from PIL import Image
 from transformers import AutoProcessor, LogitsProcessor, LogitsProcessorList, pipeline
 
@@ -22,6 +23,7 @@ from optimum_gemma3.accuracy import less_accurate_than
 from optimum_gemma3.artifact.files import ArtifactError
 from optimum_gemma3.graphs.layers import PREFILL_QUERY_BLOCK
 from tests.test_artifacts import exported  # noqa: F401  (session fixture)
+from tests.test_cli import optimum_cli
 from tests.tiny_models import TOKENS_PER_IMAGE, load_reference
 
 SHAPE = dict(
@@ -303,3 +305,59 @@ def test_text_exports_take_no_images(exported):  # noqa: F811
         model.generate(ids, pixel_values=torch.zeros(1, 3, 112, 112))
     with pytest.raises(ValueError, match="no vision program"):
         model.runtime.prefill(ids, torch.ones_like(ids), token_type_ids=torch.zeros_like(ids))
+
+
+def test_cli_exports_image_text_to_text(image_exports, tmp_path):
+    """`optimum-cli export neuron --task image-text-to-text`: the vision program, its
+    weights and the processor in the folder; optimum-neuron's registry finds the class."""
+    source, _ = image_exports("4b-vision")  # the same programs: from the compile cache
+    output = tmp_path / "cli"
+    shape = ["--batch_size", "3", "--sequence_length", "288", "--max_num_images", "3"]
+    args = ["--task", "image-text-to-text", *shape, str(output)]
+    result = optimum_cli(
+        "export", "neuron", "--model", str(source), "--context_encoding_buckets", "64,256", *args
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("compiled/vision.pt2", "vision.safetensors", "preprocessor_config.json"):
+        assert (output / name).is_file(), name
+    found = modeling_utils.get_neuron_model_class("gemma3", "image-text-to-text", "inference")
+    assert found is Gemma3NeuronModelForImageTextToText
+    processor = AutoProcessor.from_pretrained(output)
+    inputs = processor(
+        images=[[random_image(4)]],
+        text=[f"w30 <start_of_image> {words(3, 13)}"],
+        return_tensors="pt",
+    )
+    with torch.inference_mode():
+        expected = load_reference(source).generate(**inputs, max_new_tokens=6, do_sample=False)
+    model = found.from_pretrained(output)
+    assert torch.equal(model.generate(**inputs, max_new_tokens=6, do_sample=False), expected)
+
+
+def test_tensor_parallel_text_with_the_vision_program_in_this_process(tiny_checkpoints, tmp_path):
+    """tensor_parallel_size=2: the ranks run the sharded text programs, taking the image
+    features the vision program computes in the calling process; tokens stay transformers'."""
+    source = tiny_checkpoints("4b-vision")
+    model = Gemma3NeuronModelForImageTextToText.from_pretrained(
+        source,
+        export=True,
+        instance_type="cpu",
+        tensor_parallel_size=2,
+        batch_size=2,
+        sequence_length=96,
+        context_encoding_buckets=[64],
+        max_num_images=2,
+    )
+    processor = AutoProcessor.from_pretrained(source)
+    inputs = processor(
+        images=[[random_image(5)], []],
+        text=[f"{words(9, 14)} <start_of_image> {words(4, 15)}", words(6, 16)],
+        return_tensors="pt",
+        padding=True,
+    )
+    with torch.inference_mode():
+        expected = load_reference(source).generate(**inputs, max_new_tokens=16, do_sample=False)
+    try:
+        assert torch.equal(model.generate(**inputs, max_new_tokens=16, do_sample=False), expected)
+    finally:
+        model.runtime.close()

@@ -166,11 +166,13 @@ def _compile_programs(config, neuron_config, backend, versions, folder: Path) ->
     with group:
         for kind, length, name in tqdm(jobs, desc="compile", unit="graph"):
             graph = {"kind": kind, "length": length, **shape}
-            if kind == VISION:
+            if kind == VISION:  # one image: the batch, cache and rank shapes do not apply
                 encoder = Gemma3VisionEncoder.skeleton(
                     config, neuron_config.torch_dtype, neuron_config.ops_profile
                 )
-                graph["vision_config"] = config.vision_config.to_dict()
+                kept = ("dtype", "target", "ops_profile", "image_tokens")
+                graph = {"kind": kind, "vision_config": config.vision_config.to_dict()}
+                graph.update({name: shape[name] for name in kept})
                 program, inputs = VisionProgram(encoder), vision_example_inputs(encoder)
             else:
                 program = GraphProgram(decoder, kind, with_head=not neuron_config.head_on_host)

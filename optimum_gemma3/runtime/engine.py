@@ -151,11 +151,7 @@ class Gemma3Runtime:
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Image features `[N, mm_tokens_per_image, hidden]` of `[N, C, H, W]` pixels."""
         if self.vision is None:
-            raise ValueError(
-                "This model was exported for text-generation and has no vision program: "
-                "export the multimodal checkpoint with task='image-text-to-text' "
-                "(Gemma3NeuronModelForImageTextToText) to give it images."
-            )
+            raise _no_vision_program()
         with torch.inference_mode():
             return self.vision.encode(pixel_values)
 
@@ -169,7 +165,7 @@ class Gemma3Runtime:
         not given (no images, causal only); `()` for a text-only artifact."""
         if self.image_tokens is None:
             if image_embeds is not None or token_type_ids is not None:
-                self.encode_images(torch.empty(0))  # raises: no vision program
+                raise _no_vision_program()
             return ()
         rows, width = input_ids.shape
         if image_embeds is None:
@@ -248,6 +244,14 @@ class Gemma3Runtime:
         output = self.engine.decode(ids, all_positions)
         self._next_positions[slots] = positions + 1
         return self._next_token_logits(output[slots])
+
+
+def _no_vision_program() -> ValueError:
+    return ValueError(
+        "This model was exported for text-generation and has no vision program: export "
+        "the multimodal checkpoint with task='image-text-to-text' "
+        "(Gemma3NeuronModelForImageTextToText) to give it images."
+    )
 
 
 def check_image_blocks(token_type_ids: torch.Tensor, per_image: int) -> None:
