@@ -4,6 +4,7 @@ config.json              the checkpoint's HF config (multimodal configs kept who
 neuron_config.json       export config, versions and a checksum of every program
 compiled/prefill_<N>.pt2 one program per prefill bucket (suffix set by the backend)
 compiled/decode.pt2      the one-token program
+compiled/verify.pt2      with speculation_length k: k + 1 tokens per row (drafts checked)
 compiled/vision.pt2      image-text-to-text only: one image's pixels to its features
 model.safetensors        the decoder's weights in the export dtype (when exported with
                          load_weights=True; otherwise loaded from checkpoint_id)
@@ -78,6 +79,10 @@ def prefill_program_name(bucket: int, suffix: str) -> str:
 
 def decode_program_name(suffix: str) -> str:
     return f"{PROGRAMS_DIR}/decode{suffix}"
+
+
+def verify_program_name(suffix: str) -> str:
+    return f"{PROGRAMS_DIR}/verify{suffix}"
 
 
 def vision_program_name(suffix: str) -> str:

@@ -216,6 +216,27 @@ class Gemma3NeuronConfig(NxDNeuronConfig):
             )
         if self.on_device_sampling:
             raise ValueError("on_device_sampling=True is not supported yet: use False.")
+        self._validate_speculation(text_config)
+
+    def _validate_speculation(self, text_config) -> None:
+        """`speculation_length` k > 0 adds a program that checks k drafted tokens per row;
+        refuse shapes it cannot check exactly."""
+        k = self.speculation_length
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise ValueError(f"speculation_length must be an integer >= 0, got {k!r}.")
+        if k == 0:
+            return
+        if self.tp_degree > 1:
+            raise ValueError(
+                f"speculation_length={k} with tp_degree={self.tp_degree}: speculative decoding "
+                "rolls rejected drafts back in the caches this process holds; use tp_degree=1."
+            )
+        shortest = min(self.sequence_length, text_config.sliding_window)
+        if k + 1 > shortest:
+            raise ValueError(
+                f"speculation_length={k}: k + 1 tokens must fit the shortest KV cache "
+                f"({shortest} slots: sequence_length and sliding_window); lower it."
+            )
 
 
 def _neuronxcc_version() -> str | None:

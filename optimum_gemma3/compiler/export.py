@@ -31,17 +31,20 @@ from ..artifact.files import (
     prefill_program_name,
     save_artifact,
     sha256_file,
+    verify_program_name,
     vision_program_name,
     weights_name,
 )
 from ..artifact.neuron_config import Gemma3NeuronConfig
 from ..graphs import Gemma3Decoder, text_config
 from ..graphs.config import ImageTokens
+from ..graphs.layers import SKINNY_MAX_ROWS
 from ..graphs.ops import OpsProfile
 from ..graphs.parallel import tracing_process_group
 from ..graphs.program import (
     DECODE,
     PREFILL,
+    VERIFY,
     VISION,
     GraphProgram,
     VisionProgram,
@@ -86,6 +89,8 @@ def export_to_folder(
     neuron_config.program_isa = backend.program_isa()
     if neuron_config.has_images:
         check_image_export(config, checkpoint, neuron_config)
+    if neuron_config.speculation_length:
+        check_speculation_export(neuron_config)
 
     def fill(folder: Path) -> None:
         config.save_pretrained(folder)
@@ -125,6 +130,26 @@ def check_image_export(config, checkpoint: Path, neuron_config) -> None:
         )
 
 
+def check_speculation_export(neuron_config) -> None:
+    """Refuse a verify program whose positions would not compute a decode step's numbers:
+    only the `cpu` kernels sum a product's rows each in one order, and only up to
+    `SKINNY_MAX_ROWS` rows (batch_size x (speculation_length + 1))."""
+    k, batch = neuron_config.speculation_length, neuron_config.batch_size
+    if not neuron_config.ops_profile.skinny_linear:
+        raise ValueError(
+            f"speculation_length={k} needs the cpu backend's kernels (target 'cpu' on a "
+            "host with AVX2, FMA and a C++ compiler): their products give each verified "
+            "position the numbers of a one-token step, which keeps speculative tokens "
+            "identical to plain greedy decoding. Export with speculation_length=0 here."
+        )
+    if batch * (k + 1) > SKINNY_MAX_ROWS:
+        raise ValueError(
+            f"batch_size={batch} x (speculation_length={k} + 1) = {batch * (k + 1)} verified "
+            f"tokens exceed {SKINNY_MAX_ROWS}, the rows the cpu kernels sum each in one order: "
+            f"choose speculation_length <= {SKINNY_MAX_ROWS // batch - 1} for this batch_size."
+        )
+
+
 def _compile_programs(config, neuron_config, backend, versions, folder: Path) -> dict[str, str]:
     """Compile (or fetch from the compile cache) every program; return their checksums."""
     tp_degree = neuron_config.tp_degree
@@ -145,6 +170,8 @@ def _compile_programs(config, neuron_config, backend, versions, folder: Path) ->
         for b in neuron_config.context_encoding_buckets
     ]
     jobs.append((DECODE, 1, decode_program_name(suffix)))
+    if neuron_config.speculation_length:
+        jobs.append((VERIFY, neuron_config.speculation_length + 1, verify_program_name(suffix)))
     if image_tokens is not None:
         jobs.append((VISION, 1, vision_program_name(suffix)))
     (folder / jobs[0][2]).parent.mkdir(parents=True, exist_ok=True)

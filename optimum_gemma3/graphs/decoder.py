@@ -10,6 +10,9 @@ are thin views of it with the signatures a compiler backend traces:
   and `token_type_ids`, whose image blocks attend both ways (see `cache.prefill_mask`).
 - decode(input_ids [B, 1], positions [B]) -> logits [B, V]. `positions` is the index of
   the new token among the row's real tokens (the prompt length on the first step).
+- verify(input_ids [B, T], positions [B, T]) -> logits [B, T, V]: T consecutive tokens
+  per row (speculative decoding's check of drafted tokens), each position computing the
+  numbers a one-token decode step computes there.
 
 Parameter names mirror transformers' `Gemma3TextModel`, so checkpoint loading is only
 prefix handling (see `optimum_gemma3.weights`).
@@ -46,9 +49,9 @@ class LayerInputs:
 
     cos: torch.Tensor
     sin: torch.Tensor
-    mask: torch.Tensor
-    positions: torch.Tensor | None = None  # decode: where to write the new token
-    filled: torch.Tensor | None = None  # decode: how many cache slots each row may see
+    mask: torch.Tensor | tuple[torch.Tensor, ...]  # decode: one mask per new token
+    positions: torch.Tensor | None = None  # decode: where to write the new tokens [B, T]
+    filled: tuple[torch.Tensor, ...] = ()  # decode: per new token, the slots each row sees
     fill_index: torch.Tensor | None = None  # prefill: which prompt token fills each slot
     slots: torch.Tensor | None = None  # prefill: the cache row each prompt fills
     window: int | None = None  # prefill: the sliding window (None: full attention)
@@ -113,10 +116,23 @@ class Attention(nn.Module):
                 q, k, v, mask, self.scale, inputs.window, inputs.image_reach, ops=self.ops
             )
         else:
-            k, v = self.cache.update(k, v, inputs.positions)
-            out = decode_attention(q, k, v, mask, inputs.filled, self.scale, self.ops)
+            out = self._decode_attention(q, k, v, inputs)
         batch, seq = queries.shape[:2]
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+    def _decode_attention(self, q, k, v, inputs: LayerInputs) -> torch.Tensor:
+        """Each new token in turn writes its keys and values at its slot, then attends over
+        the cache as a one-token decode step at its position does: with several tokens
+        (verification), every one sees exactly the cache that step would see, computed
+        by the same call, so its numbers are that step's."""
+        outs = []
+        for j, (mask, filled) in enumerate(zip(inputs.mask, inputs.filled, strict=True)):
+            step = slice(j, j + 1)
+            keys, values = self.cache.update(k[:, :, step], v[:, :, step], inputs.positions[:, j])
+            outs.append(
+                decode_attention(q[:, :, step], keys, values, mask, filled, self.scale, self.ops)
+            )
+        return torch.cat(outs, dim=2)
 
 
 class DecoderLayer(nn.Module):
@@ -364,23 +380,40 @@ class Gemma3Decoder(nn.Module):
         return self._output(h, with_head)
 
     def decode(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, with_head: bool = True
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        with_head: bool = True,
+        every_token: bool = False,
     ) -> torch.Tensor:
-        """Run one token per row at `positions`, updating the caches in place; return its
-        logits (or, without the head, the final-normed hidden states)."""
+        """Run `[B, T]` new tokens per row at consecutive `positions` (`[B]` for one token,
+        or `[B, T]`), updating the caches in place; return the last token's logits (or,
+        without the head, the final-normed hidden states), or `every_token`'s `[B, T, ...]`.
+
+        Products see the `B * T` tokens as rows, which the `cpu` kernels sum each in one
+        order (up to `SKINNY_MAX_ROWS` rows), and attention takes the tokens one at a
+        time: every position's numbers are a one-token step's there.
+        """
+        positions = positions.reshape(input_ids.shape)
+        steps = positions.unbind(1)
         inputs = {}
         for kind in LAYER_TYPES:
-            cos, sin = self.rotary[kind](positions[:, None], self.dtype)
+            cos, sin = self.rotary[kind](positions, self.dtype)
             cache_len = self.cache_len[kind]
             inputs[kind] = LayerInputs(
                 cos,
                 sin,
-                decode_mask(positions, cache_len),
+                tuple(decode_mask(step, cache_len) for step in steps),
                 positions=positions,
-                filled=filled_slots(positions, cache_len),
+                filled=tuple(filled_slots(step, cache_len) for step in steps),
             )
         h = self._run_layers(self._embed(input_ids), inputs)
-        return self._output(h, with_head)
+        if not every_token:
+            return self._output(h, with_head)
+        hidden = self.norm(h)
+        if not with_head:
+            return hidden
+        return self.head(hidden.flatten(0, 1)).unflatten(0, hidden.shape[:2])
 
 
 class PrefillGraph(nn.Module):
@@ -400,6 +433,19 @@ class PrefillGraph(nn.Module):
         *image_inputs: torch.Tensor,
     ) -> torch.Tensor:
         return self.decoder.prefill(input_ids, attention_mask, slot, self.with_head, *image_inputs)
+
+
+class VerifyGraph(nn.Module):
+    """`Gemma3Decoder.decode` of `T` tokens per row, returning every position's output,
+    as a module's forward: the program that checks drafted tokens."""
+
+    def __init__(self, decoder: Gemma3Decoder, with_head: bool = True):
+        super().__init__()
+        self.decoder = decoder
+        self.with_head = with_head
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.decoder.decode(input_ids, positions, self.with_head, every_token=True)
 
 
 class DecodeGraph(nn.Module):

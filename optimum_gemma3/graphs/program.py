@@ -13,16 +13,19 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .decoder import DecodeGraph, Gemma3Decoder, PrefillGraph
+from .decoder import DecodeGraph, Gemma3Decoder, PrefillGraph, VerifyGraph
 from .vision import Gemma3VisionEncoder
 
 PREFILL = "prefill"
 DECODE = "decode"
+VERIFY = "verify"
 VISION = "vision"
+GRAPHS = {PREFILL: PrefillGraph, DECODE: DecodeGraph, VERIFY: VerifyGraph}
 
 
 class GraphProgram(nn.Module):
-    """`PrefillGraph` or `DecodeGraph` with its weights and caches passed in as dicts.
+    """`PrefillGraph`, `DecodeGraph` or `VerifyGraph` with its weights and caches passed in
+    as dicts.
 
     `with_head=False` ends the program at the final norm: the runtime then runs the head
     itself, as far as each step needs (see `Gemma3NeuronConfig.head_on_host`).
@@ -30,8 +33,7 @@ class GraphProgram(nn.Module):
 
     def __init__(self, decoder: Gemma3Decoder, kind: str, with_head: bool = True):
         super().__init__()
-        graph_class = PrefillGraph if kind == PREFILL else DecodeGraph
-        graph = graph_class(decoder, with_head)
+        graph = GRAPHS[kind](decoder, with_head)
         # Held outside the module tree: the decoder's own tensors must not be captured as
         # program constants. Only its fixed fp32 tables (RoPE, embed scale) are.
         self._graph = (graph,)
@@ -45,7 +47,7 @@ class GraphProgram(nn.Module):
     ) -> torch.Tensor:
         """Prefill: `(input_ids [1, S], attention_mask [1, S], slot [1])`, then with images
         `(image_embeds [1, S, hidden], token_type_ids [1, S])`; decode:
-        `(input_ids [B, 1], positions [B])`."""
+        `(input_ids [B, 1], positions [B])`; verify: `(input_ids [B, T], positions [B, T])`."""
         state = {f"decoder.{name}": tensor for name, tensor in {**weights, **caches}.items()}
         return functional_call(self._graph[0], state, inputs)
 
@@ -95,12 +97,16 @@ def image_inputs(decoder: Gemma3Decoder, prompt_length: int) -> tuple:
     )
 
 
-def example_inputs(decoder: Gemma3Decoder, kind: str, prompt_length: int | None = None) -> tuple:
-    """Static-shape example inputs for tracing one program (a prefill bucket or decode)."""
+def example_inputs(decoder: Gemma3Decoder, kind: str, length: int | None = None) -> tuple:
+    """Static-shape example inputs for tracing one program: a prefill bucket (`length`
+    tokens), decode, or verify (`length` tokens per row)."""
     if kind == PREFILL:  # one prompt into one cache row (see `Gemma3Decoder.prefill`)
-        ids = torch.zeros(1, prompt_length, dtype=torch.long)
+        ids = torch.zeros(1, length, dtype=torch.long)
         extra = (torch.ones_like(ids), torch.zeros(1, dtype=torch.long))
-        extra += image_inputs(decoder, prompt_length)
+        extra += image_inputs(decoder, length)
+    elif kind == VERIFY:
+        ids = torch.zeros(decoder.batch_size, length, dtype=torch.long)
+        extra = (torch.zeros_like(ids),)
     else:
         ids = torch.zeros(decoder.batch_size, 1, dtype=torch.long)
         extra = (torch.zeros(decoder.batch_size, dtype=torch.long),)

@@ -49,7 +49,13 @@ BEAM_SEARCH = Option(
 )
 ASSISTED = Option(
     Handling.REFUSED,
-    "assisted / prompt-lookup decoding is not supported by the compiled model; leave it unset",
+    "it belongs to assisted decoding with another tokenizer or early exit, which the compiled "
+    "model does not run (assistant_model sharing the tokenizer, or prompt_lookup_num_tokens)",
+)
+DRAFT_LENGTH = Option(
+    Handling.IGNORED,
+    "drafts are num_assistant_tokens long (at most the export's speculation_length) every "
+    "round; verification keeps the tokens greedy decoding's whatever the drafts",
 )
 CONTRASTIVE = Option(
     Handling.REFUSED, "contrastive search is not supported by the compiled model; leave it unset"
@@ -147,12 +153,13 @@ GENERATION_OPTIONS: dict[str, Option] = {
     "token_healing": Option(
         Handling.REFUSED, "token healing is not supported by the compiled model; leave it unset"
     ),
+    # Speculative decoding (greedy, checked by the verify program: the same tokens).
+    "prompt_lookup_num_tokens": SUPPORTED,
+    "max_matching_ngram_size": SUPPORTED,
+    "num_assistant_tokens": SUPPORTED,
+    "num_assistant_tokens_schedule": DRAFT_LENGTH,
+    "assistant_confidence_threshold": DRAFT_LENGTH,
     "is_assistant": ASSISTED,
-    "num_assistant_tokens": ASSISTED,
-    "num_assistant_tokens_schedule": ASSISTED,
-    "assistant_confidence_threshold": ASSISTED,
-    "prompt_lookup_num_tokens": ASSISTED,
-    "max_matching_ngram_size": ASSISTED,
     "assistant_early_exit": ASSISTED,
     "assistant_lookbehind": ASSISTED,
     "target_lookbehind": ASSISTED,

@@ -42,6 +42,11 @@ from ..graphs import text_config
 from ..runtime.batching import Sampling
 from ..runtime.engine import Gemma3Runtime
 from ..runtime.loop import decode_loop
+from ..runtime.speculation import (
+    AssistantDrafts,
+    PromptLookupDrafts,
+    speculative_greedy,
+)
 from ..weights import resolve_checkpoint
 from . import hub
 from .generation_options import generation_config_fields, refusals
@@ -94,6 +99,7 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
         self.config = runtime.config
         self.neuron_config = runtime.neuron_config
         self._generate_lock = threading.Lock()
+        self.speculation_stats: SpeculativeOutput | None = None  # the last speculative call's
         if (runtime.folder / "generation_config.json").is_file():
             self.generation_config = GenerationConfig.from_pretrained(runtime.folder)
         else:
@@ -117,13 +123,15 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
         context_encoding_buckets: list[int] | None = None,
         implementation: str | None = None,
         continuous_batching: bool | None = None,
+        speculation_length: int = 0,
     ) -> Gemma3NeuronConfig:
         """A validated export config for `model_name_or_path`, with automatic defaults.
 
         `implementation` is the auto class's choice between this class and optimum-neuron's
         own Gemma-3 (`optimum_gemma3.integration.registry`); this class compiles with
         optimum-gemma3, so only that value (or None) is accepted here. `continuous_batching`
-        defaults, as in optimum-neuron, to `batch_size > 1`.
+        defaults, as in optimum-neuron, to `batch_size > 1`. `speculation_length=k` adds the
+        verify program that speculative decoding checks `k` drafted tokens per row with.
         """
         if implementation not in (None, OPTIMUM_GEMMA3):
             raise ValueError(
@@ -151,6 +159,7 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
             torch_dtype=torch_dtype,
             target=target_for_instance_type(instance_type),
             context_encoding_buckets=context_encoding_buckets,
+            speculation_length=speculation_length,
         )
         return neuron_config.finalize(text)
 
@@ -335,6 +344,7 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
         tokenizer=None,
         prefix_allowed_tokens_fn=None,
         use_model_defaults: bool | None = None,
+        assistant_model: Gemma3NeuronModelForCausalLM | None = None,
         **kwargs,
     ) -> torch.LongTensor | GenerateDecoderOnlyOutput:
         """transformers' `generate()` for greedy search and sampling on the compiled model.
@@ -348,6 +358,13 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
         `output_logits`) are per-step `[B, V]` fp32 tensors, computed in full on every
         step. A length beyond the compiled `sequence_length` is clamped with a warning.
         `tokenizer` is needed for `stop_strings`, as in transformers.
+
+        Speculative decoding, for greedy search on a model exported with
+        `speculation_length=k`: `prompt_lookup_num_tokens=N` drafts from n-grams of the
+        prompt and output, `assistant_model=` (another compiled Gemma-3 with the same
+        vocabulary) drafts `num_assistant_tokens`; at most `k` drafts a round, checked by
+        the verify program, so the tokens are plain greedy decoding's. The counts of the
+        last such call are in `speculation_stats`.
 
         Concurrent calls are safe: they run one at a time (the model holds one set of KV
         caches), each returning what it would alone.
@@ -366,8 +383,27 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
         )
         generation_config = prepared.config
         as_dict = generation_config.return_dict_in_generate
+        drafts = self._draft_source(generation_config, assistant_model)
         # The whole call holds the lock: every step reads and writes the runtime's caches.
         with self._generate_lock, torch.inference_mode():
+            if drafts is not None:
+                self.speculation_stats = speculative_greedy(
+                    self.runtime,
+                    drafts,
+                    prefill,
+                    input_ids,
+                    prepared.attention_mask,
+                    prepared.max_new_tokens,
+                    num_drafts=self._num_drafts(generation_config),
+                    pad_token_id=int(generation_config._pad_token_tensor),
+                    eos_token_id=generation_config.eos_token_id,
+                    logits_processor=prepared.logits_processor,
+                    stopping_criteria=prepared.stopping_criteria,
+                    streamer=streamer,
+                    prefill_inputs=prefill_inputs,
+                )
+                sequences = self.speculation_stats.sequences
+                return GenerateDecoderOnlyOutput(sequences=sequences) if as_dict else sequences
             output = decode_loop(
                 prefill,
                 self.runtime.decode,
@@ -391,6 +427,59 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
             scores=output.scores if generation_config.output_scores else None,
             logits=output.raw_logits if generation_config.output_logits else None,
         )
+
+    def _draft_source(self, config: GenerationConfig, assistant_model):
+        """Where speculative decoding's drafts come from (None: decode without drafts),
+        refusing what it cannot honour."""
+        lookup = config.prompt_lookup_num_tokens
+        if assistant_model is None and not lookup:
+            return None
+        if assistant_model is not None and lookup:
+            raise ValueError(
+                "generate() got both assistant_model and prompt_lookup_num_tokens: choose "
+                "one draft source."
+            )
+        if assistant_model is not None and not isinstance(
+            assistant_model, Gemma3NeuronModelForCausalLM
+        ):
+            raise ValueError(
+                f"assistant_model is a {type(assistant_model).__name__}: it must be a compiled "
+                "Gemma-3 (Gemma3NeuronModelForCausalLM) with the same vocabulary, drafting in "
+                "its own KV caches."
+            )
+        problems = []
+        if config.do_sample:
+            problems.append("do_sample=True (speculative decoding here is greedy)")
+        if config.return_dict_in_generate and (config.output_scores or config.output_logits):
+            problems.append("output_scores / output_logits")
+        if problems:
+            source = "prompt_lookup_num_tokens" if lookup else "assistant_model"
+            raise ValueError(
+                f"Speculative decoding ({source}) cannot run with {' and '.join(problems)}: "
+                "drop the draft source to decode without it."
+            )
+        if not self.runtime.speculation_length:
+            logger.warning(
+                "This model was exported without a verify program (speculation_length=0): "
+                "generating without drafts (the same tokens). Re-export it with "
+                "speculation_length=k to check k drafted tokens per step."
+            )
+            return None
+        if lookup:
+            return PromptLookupDrafts(config.max_matching_ngram_size, config.eos_token_id)
+        assistant = assistant_model.runtime
+        ours, theirs = text_config(self.config).vocab_size, text_config(assistant.config).vocab_size
+        if ours != theirs:
+            raise ValueError(
+                f"assistant_model has a vocabulary of {theirs} tokens, this model {ours}: the "
+                "assistant must share the tokenizer."
+            )
+        return AssistantDrafts(assistant, int(config._pad_token_tensor))
+
+    def _num_drafts(self, config: GenerationConfig) -> int:
+        """Drafts per round: the draft source's count, at most `speculation_length`."""
+        wanted = config.prompt_lookup_num_tokens or config.num_assistant_tokens
+        return min(int(wanted), self.runtime.speculation_length)
 
     def _prompt_inputs(self, input_ids: torch.Tensor, model_inputs: dict) -> tuple:
         """The prefill function `generate()` runs and its per-token inputs, taking the model

@@ -245,6 +245,104 @@ class Gemma3Runtime:
         self._next_positions[slots] = positions + 1
         return self._next_token_logits(output[slots])
 
+    @property
+    def speculation_length(self) -> int:
+        """How many drafted tokens per row `verify` checks (0: no verify program)."""
+        return self.neuron_config.speculation_length
+
+    def verify(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: Sequence[int] | None = None,
+    ) -> tuple[list[NextTokenLogits], CacheRollback]:
+        """Logits of each of `T = speculation_length + 1` consecutive tokens per row
+        (`input_ids` `[rows, T]`, the first at `positions` `[rows]`), each the numbers a
+        one-token `decode` step at its position computes; and the rollback that keeps
+        only the positions the caller accepts (`CacheRollback.keep`).
+
+        All `T` tokens enter the caches; `keep` puts back every cache entry a position
+        beyond the accepted ones overwrote, so a rejected draft leaves no trace (in a
+        sliding layer's ring it overwrote a key the next steps still see). Other slots
+        run padding at their own next positions and are put back whole.
+        """
+        if getattr(self.engine, "verify_program", None) is None:
+            raise ValueError(
+                "This model was exported without a verify program (speculation_length=0): "
+                "re-export it with speculation_length=k (k drafted tokens checked per step) "
+                "for prompt lookup or assisted decoding."
+            )
+        width = self.speculation_length + 1
+        if input_ids.shape[1] != width:
+            raise ValueError(
+                f"verify takes {width} tokens per row (speculation_length + 1), got "
+                f"{input_ids.shape[1]}."
+            )
+        slots = self._slots(input_ids.shape[0], slots)
+        rollback = self.save_positions(positions, width, slots)
+        ids = torch.full((self.batch_size, width), self.pad_token_id, dtype=torch.long)
+        ids[slots] = input_ids.to(torch.long)
+        output = self.engine.verify(ids, rollback.positions)
+        per_position = [self._next_token_logits(output[slots, j]) for j in range(width)]
+        return per_position, rollback
+
+    def save_positions(
+        self, positions: torch.Tensor, width: int, slots: Sequence[int] | None = None
+    ) -> CacheRollback:
+        """Take the cache entries of `width` consecutive positions from `positions` `[rows]`
+        (cache rows `slots`) and from every other slot's next position, before tokens
+        there overwrite them (a verify call, or an assistant's decode steps drafting
+        ahead), to keep only the accepted ones (`CacheRollback.keep`)."""
+        slots = self._slots(len(positions), slots)
+        if len(slots) and int(positions.max()) + width > self.sequence_length:
+            raise ValueError(
+                f"Positions up to {int(positions.max()) + width - 1} are beyond the compiled "
+                f"sequence_length={self.sequence_length}: decode the last tokens one at a time."
+            )
+        # An idle slot near the end is moved back: its entries are put back whole anyway.
+        starts = self._next_positions.clamp(max=self.sequence_length - width)
+        starts[slots] = positions.reshape(-1).to(torch.long)
+        block = starts[:, None] + torch.arange(width)
+        return CacheRollback(self.engine.caches, block, slots, self._next_positions)
+
+
+class CacheRollback:
+    """The cache entries tokens at `positions` `[B, T]` will overwrite, taken before they
+    are written, and how to put back those of positions that are not kept.
+
+    Every compiled row's entries are taken: rows the caller runs keep their accepted
+    positions (`keep`), the others keep none. Why it is needed: a sliding layer's ring
+    slot for position `p` held position `p - window`, which the queries before `p` still
+    see, so a rejected token at `p` must give it back; a full layer's slot held nothing
+    visible, and putting it back is as cheap.
+    """
+
+    def __init__(
+        self,
+        caches: dict[str, torch.Tensor],
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        next_positions: torch.Tensor,
+    ):
+        self.caches = caches
+        self.rows = torch.arange(positions.shape[0])[:, None].expand_as(positions)
+        self.positions = positions
+        self.slots = slots
+        self.next_positions = next_positions
+        self.index = {name: positions % cache.shape[2] for name, cache in caches.items()}
+        self.saved = {name: cache[self.rows, :, self.index[name]] for name, cache in caches.items()}
+
+    def keep(self, counts: torch.Tensor) -> None:
+        """Keep the first `counts[i]` positions of the caller's row `i` (at most `T`), put
+        back every other entry, and record where each row's next token goes."""
+        kept = torch.zeros(self.positions.shape[0], dtype=torch.long)
+        kept[self.slots] = counts.to(torch.long)
+        dropped = torch.arange(self.positions.shape[1]) >= kept[:, None]
+        rows = self.rows[dropped]
+        for name, cache in self.caches.items():
+            cache[rows, :, self.index[name][dropped]] = self.saved[name][dropped]
+        self.next_positions[self.slots] = self.positions[self.slots, 0] + kept[self.slots]
+
 
 def _no_vision_program() -> ValueError:
     return ValueError(

@@ -14,6 +14,7 @@ from ..artifact.files import (
     decode_program_name,
     prefill_program_name,
     verify_file,
+    verify_program_name,
     weights_name,
 )
 from ..artifact.neuron_config import Gemma3NeuronConfig
@@ -47,6 +48,9 @@ class RankEngine:
         buckets = nc.context_encoding_buckets
         self.prefill_programs = {b: program(prefill_program_name(b, suffix)) for b in buckets}
         self.decode_program = program(decode_program_name(suffix))
+        self.verify_program = None
+        if nc.speculation_length:
+            self.verify_program = program(verify_program_name(suffix))
         skeleton = Gemma3Decoder.skeleton(
             text, nc.batch_size, nc.sequence_length, nc.torch_dtype, nc.tp_degree
         )
@@ -63,6 +67,10 @@ class RankEngine:
 
     def decode(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.decode_program(self.weights, self.caches, ids, positions)
+
+    def verify(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """`[B, T]` consecutive tokens per row at `positions` `[B, T]`: every position's output."""
+        return self.verify_program(self.weights, self.caches, ids, positions)
 
     def zero_caches(self) -> None:
         """Every cache back to the zeros it was loaded with (after the load-time warm-up)."""

@@ -1,0 +1,257 @@
+"""Speculative greedy decoding: drafted tokens checked by the verify program, exactly.
+
+Each round, a draft source guesses up to `k` next tokens per row; the verify program runs
+the row's pending token and its drafts in one call (the weights read once for `k + 1`
+positions), each position computing the numbers a one-token decode step computes there
+(`Gemma3Decoder.decode`). The loop then selects each position's token as greedy decoding
+would, with transformers' logits processors on the sequence so far: while a draft equals
+the selected token the next position is valid too; the first that differs is replaced by
+the selected token and the rest are dropped from the caches (`CacheRollback`). So the
+tokens are plain greedy decoding's, bit for bit, whatever the drafts; good drafts only make
+it faster. Draft sources: `PromptLookupDrafts` (n-grams of the prompt and output, through
+transformers' `PromptLookupCandidateGenerator`) and `AssistantDrafts` (a smaller compiled
+Gemma-3 decoding greedily).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
+
+from .engine import Gemma3Runtime
+from .logits import NextTokenLogits
+from .loop import left_align
+from .selection import first_argmax, screened_selection, step_scores
+
+
+@dataclass
+class SpeculativeOutput:
+    sequences: torch.Tensor  # [B, prompt + generated]: prompt as given, then new tokens
+    drafted: int = 0  # drafted tokens checked by the verify program
+    accepted: int = 0  # of which equal to the selected token
+    verify_calls: int = 0
+    decode_calls: int = 0  # one-token steps (no drafts, or no room left for k positions)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+class PromptLookupDrafts:
+    """Drafts copied from the row's own tokens: what followed the latest earlier
+    occurrence of its last n-gram (transformers' prompt lookup, `max_matching_ngram_size`
+    down to 1). Free to compute; it pays off where the output repeats the input (editing
+    code, summaries, extraction)."""
+
+    def __init__(
+        self, max_matching_ngram_size: int | None = None, eos_token_id: int | list | None = None
+    ):
+        self.max_matching_ngram_size = max_matching_ngram_size or 2
+        # Drafts stop at an end-of-sequence token, as transformers' lookup stops them.
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or []
+        self.eos_token_id = torch.tensor(eos, dtype=torch.long)
+
+    def start(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """Nothing to prepare: the drafts come from the tokens themselves."""
+
+    def propose(
+        self, tokens: Sequence[list[int]], positions: torch.Tensor, active: list[bool], k: int
+    ) -> list[list[int]]:
+        lookup = PromptLookupCandidateGenerator(
+            eos_token_id=self.eos_token_id,
+            num_output_tokens=k,
+            max_matching_ngram_size=self.max_matching_ngram_size,
+            max_length=max(map(len, tokens)) + k + 2,
+        )
+        drafts = []
+        for row, is_active in zip(tokens, active, strict=True):
+            if not is_active:
+                drafts.append([])
+                continue
+            ids = torch.tensor([row])
+            candidates, _ = lookup.get_candidates(ids)
+            drafts.append(candidates[0, len(row) :].tolist())
+        return drafts
+
+    def keep(self, counts: torch.Tensor) -> None:
+        """Nothing to roll back."""
+
+
+class AssistantDrafts:
+    """Drafts from another compiled Gemma-3 sharing the tokenizer, decoding greedily in its
+    own KV caches (a 270m drafting for a 1b, 4b, 12b or 27b, or a smaller export of the
+    same model). Its caches follow the target's accepted tokens: it decodes the pending
+    token and its `k` drafts (`k + 1` steps, the last only to store the last draft), then
+    keeps the positions the target accepted and puts back the rest."""
+
+    def __init__(self, assistant: Gemma3Runtime, pad_token_id: int):
+        self.runtime = assistant
+        self.pad_token_id = pad_token_id
+        self._rollback = None
+
+    def start(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        self.runtime.prefill(ids, mask)
+
+    def propose(
+        self, tokens: Sequence[list[int]], positions: torch.Tensor, active: list[bool], k: int
+    ) -> list[list[int]]:
+        rows = len(tokens)
+        slots = torch.arange(rows)
+        self._rollback = self.runtime.save_positions(positions, k + 1, slots)
+        current = torch.tensor(
+            [row[-1] if on else self.pad_token_id for row, on in zip(tokens, active, strict=True)]
+        )
+        drafts = []
+        for step in range(k + 1):
+            logits, _ = self.runtime.decode(current[:, None], positions + step).near_top(1)
+            current = first_argmax(logits.float())
+            if step < k:
+                drafts.append(current)
+        drafted = torch.stack(drafts, dim=1).tolist()
+        return [row if on else [] for row, on in zip(drafted, active, strict=True)]
+
+    def keep(self, counts: torch.Tensor) -> None:
+        self._rollback.keep(counts)
+
+
+@dataclass
+class GreedySelection:
+    """Greedy selection as `decode_loop` does it: transformers' processors on each row's
+    own sequence, screened where they allow, the first largest score."""
+
+    logits_processor: Callable | None
+
+    def __post_init__(self):
+        self.screen = screened_selection(self.logits_processor, do_sample=False)
+        self.plain = self.screen is not None and not self.screen.before and not self.screen.after
+
+    def __call__(self, step: NextTokenLogits, sequences: list[torch.Tensor]) -> list[int]:
+        if self.plain:  # no processors: every row at once
+            logits, _ = step.near_top(1)
+            return first_argmax(logits.float()).tolist()
+        chosen = []
+        for row, sequence in enumerate(sequences):
+            _, scores = step_scores(_row(step, row), sequence, self.logits_processor, self.screen)
+            chosen.append(int(first_argmax(scores)[0]))
+        return chosen
+
+
+def _row(step: NextTokenLogits, row: int) -> NextTokenLogits:
+    """Row `row` of a step's logits, computed with (and as) the whole step's."""
+    return NextTokenLogits(
+        lambda: step.full()[row : row + 1],
+        lambda k: tuple(part[row : row + 1] for part in step.near_top(k)),
+    )
+
+
+def speculative_greedy(
+    runtime: Gemma3Runtime,
+    drafts,
+    prefill: Callable[..., NextTokenLogits],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    num_drafts: int,
+    pad_token_id: int = 0,
+    eos_token_id: int | Sequence[int] | None = None,
+    logits_processor: Callable | None = None,
+    stopping_criteria: Callable | None = None,
+    streamer=None,
+    prefill_inputs: tuple[torch.Tensor, ...] = (),
+) -> SpeculativeOutput:
+    """Greedy decoding with drafts from `drafts` checked `num_drafts` at a time (at most
+    the runtime's `speculation_length`): the tokens of `decode_loop(..., do_sample=False)`
+    with the same processors, criteria and EOS handling, rows finishing on their own.
+
+    Where a row has no room left for `k + 1` positions, or no row has drafts, the round is
+    a one-token decode step: the same numbers, without the verify program's extra work.
+    """
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+    select = GreedySelection(logits_processor)
+    rows, width = input_ids.shape
+    k = min(num_drafts, runtime.speculation_length)
+    ids, mask, *aligned = left_align(
+        input_ids, attention_mask, pad_token_id, width, *prefill_inputs
+    )
+    positions = mask.sum(-1)
+    prompts = input_ids.tolist()
+    # Each row's real tokens (no padding): what draft sources read.
+    tokens = [row[len(row) - int(n) :] for row, n in zip(ids.tolist(), positions, strict=True)]
+    generated: list[list[int]] = [[] for _ in range(rows)]
+    active = [max_new_tokens > 0] * rows
+    output = SpeculativeOutput(input_ids)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+
+    def sequence(row: int, extra: Sequence[int] = ()) -> torch.Tensor:
+        return torch.tensor([prompts[row] + generated[row] + list(extra)])
+
+    def emit(row: int, token: int) -> None:
+        generated[row].append(token)
+        tokens[row].append(token)
+        if streamer is not None:
+            streamer.put(torch.tensor([token]))
+        finished = token in eos or len(generated[row]) >= max_new_tokens
+        if not finished and stopping_criteria is not None:
+            finished = bool(stopping_criteria(sequence(row), None)[0])
+        active[row] = not finished
+
+    if any(active):
+        drafts.start(ids, mask)
+        first = select(prefill(ids, mask, *aligned), [sequence(r) for r in range(rows)])
+        for row, token in enumerate(first):
+            emit(row, token)
+    while any(active):
+        pending = torch.tensor(
+            [g[-1] if on else pad_token_id for g, on in zip(generated, active, strict=True)]
+        )
+        room = bool((positions + k + 1 <= runtime.sequence_length).all())
+        proposed = drafts.propose(tokens, positions, active, k) if room and k else [[]] * rows
+        proposed = [row[:k] for row in proposed]
+        if not any(proposed):
+            output.decode_calls += 1
+            chosen = select(
+                runtime.decode(pending[:, None], positions), [sequence(r) for r in range(rows)]
+            )
+            for row, token in enumerate(chosen):
+                if active[row]:
+                    emit(row, token)
+            positions = positions + 1
+            if room and k:
+                drafts.keep(torch.ones(rows, dtype=torch.long))
+            continue
+        output.verify_calls += 1
+        output.drafted += sum(len(row) for row, on in zip(proposed, active, strict=True) if on)
+        padded = [
+            [int(p), *row, *[pad_token_id] * (k - len(row))]
+            for p, row in zip(pending, proposed, strict=True)
+        ]
+        steps, rollback = runtime.verify(torch.tensor(padded), positions)
+        kept = torch.ones(rows, dtype=torch.long)  # the pending token
+        checking = list(active)
+        for j, step in enumerate(steps):
+            if not any(checking):
+                break
+            chosen = select(step, [sequence(r, proposed[r][:j]) for r in range(rows)])
+            for row, token in enumerate(chosen):
+                if not checking[row]:
+                    continue
+                hit = j < len(proposed[row]) and proposed[row][j] == token
+                output.accepted += hit
+                emit(row, token)
+                checking[row] = hit and active[row]
+                kept[row] += hit
+        rollback.keep(kept)
+        drafts.keep(kept)
+        positions = positions + kept
+    if streamer is not None:
+        streamer.end()
+    longest = max(map(len, generated))
+    new = [g + [pad_token_id] * (longest - len(g)) for g in generated]
+    output.sequences = torch.cat(
+        [input_ids, torch.tensor(new, dtype=input_ids.dtype).reshape(rows, longest)], dim=1
+    )
+    return output
