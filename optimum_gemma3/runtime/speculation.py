@@ -173,6 +173,7 @@ def speculative_greedy(
     select = GreedySelection(logits_processor)
     rows, width = input_ids.shape
     k = min(num_drafts, runtime.speculation_length)
+    checked = runtime.speculation_length + 1  # the verify program's tokens per row
     ids, mask, *aligned = left_align(
         input_ids, attention_mask, pad_token_id, width, *prefill_inputs
     )
@@ -208,7 +209,7 @@ def speculative_greedy(
         pending = torch.tensor(
             [g[-1] if on else pad_token_id for g, on in zip(generated, active, strict=True)]
         )
-        room = bool((positions + k + 1 <= runtime.sequence_length).all())
+        room = bool((positions + checked <= runtime.sequence_length).all())
         proposed = drafts.propose(tokens, positions, active, k) if room and k else [[]] * rows
         proposed = [row[:k] for row in proposed]
         if not any(proposed):
@@ -226,7 +227,7 @@ def speculative_greedy(
         output.verify_calls += 1
         output.drafted += sum(len(row) for row, on in zip(proposed, active, strict=True) if on)
         padded = [
-            [int(p), *row, *[pad_token_id] * (k - len(row))]
+            [int(p), *row, *[pad_token_id] * (checked - 1 - len(row))]
             for p, row in zip(pending, proposed, strict=True)
         ]
         steps, rollback = runtime.verify(torch.tensor(padded), positions)

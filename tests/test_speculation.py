@@ -1,0 +1,194 @@
+"""Speculative decoding: drafted tokens checked by the verify program give exactly plain
+greedy decoding's tokens, for every draft source, size, window and batch."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoTokenizer, TextIteratorStreamer
+
+from optimum_gemma3 import Gemma3NeuronModelForCausalLM
+from optimum_gemma3.graphs import Gemma3Decoder
+from optimum_gemma3.graphs.ops import OpsProfile
+from optimum_gemma3.weights import load_weights
+from tests.test_artifacts import exported  # noqa: F401  (session fixture)
+from tests.test_parity import host_profile_with_kernels
+from tests.tiny_models import TEXT_SHAPES, load_reference, tiny_tokenizer
+
+SPECULATION = dict(
+    batch_size=2,
+    sequence_length=96,
+    context_encoding_buckets=[32],
+    speculation_length=3,
+    instance_type="cpu",
+)
+NEW_TOKENS = 40
+
+
+@pytest.fixture(scope="module")
+def speculative_exports(tiny_checkpoints, tmp_path_factory):
+    """`(checkpoint, folder)` of a tiny size exported with a verify program, once."""
+    exports = {}
+
+    def get(name: str):
+        if name not in exports:
+            source = tiny_checkpoints(name)
+            model = Gemma3NeuronModelForCausalLM.from_pretrained(source, export=True, **SPECULATION)
+            exports[name] = source, model.save_pretrained(tmp_path_factory.mktemp(name) / name)
+        return exports[name]
+
+    return get
+
+
+def repetitive_batch(vocab_size: int, seed: int = 0):
+    """Two left-padded prompts past the sliding windows that repeat themselves, so prompt
+    lookup finds drafts (and the random models reject most of them)."""
+    generator = torch.Generator().manual_seed(seed)
+    words = torch.randint(7, vocab_size, (12,), generator=generator)
+    long = torch.cat([words, words, words[:5]])
+    short = torch.cat([words[:8], words[:8], words[:5]])
+    ids = torch.zeros(2, len(long), dtype=torch.long)
+    ids[0], ids[1, -len(short) :] = long, short
+    mask = (ids != 0).long()
+    mask[0] = 1
+    return ids, mask
+
+
+def test_verify_positions_are_decode_steps_bit_for_bit(tiny_checkpoints):
+    """The decoder's `k + 1`-token step against `k + 1` one-token steps from the same
+    caches, across the wrapped ring of a sliding layer, fp32 and bf16: the same bits."""
+    source = tiny_checkpoints("270m")
+    config = AutoConfig.from_pretrained(source)
+    for dtype in (torch.float32, torch.bfloat16):
+        decoder = Gemma3Decoder(config, 2, 64, dtype, ops=host_profile_with_kernels())
+        load_weights(decoder, source)
+        ids, mask = repetitive_batch(512)
+        new = torch.randint(7, 512, (2, 4), generator=torch.Generator().manual_seed(1))
+        with torch.inference_mode():
+            decoder.prefill(ids, mask)
+            caches = {n: b.clone() for n, b in decoder.named_buffers() if ".cache." in n}
+            start = mask.sum(-1)
+            steps = [decoder.decode(new[:, j : j + 1], start + j, False) for j in range(4)]
+            for name, buffer in decoder.named_buffers():
+                if ".cache." in name:
+                    buffer.copy_(caches[name])
+            positions = start[:, None] + torch.arange(4)
+            verified = decoder.decode(new, positions, False, every_token=True)
+        assert torch.equal(verified, torch.stack(steps, dim=1)), dtype
+
+
+@pytest.mark.parametrize("name", TEXT_SHAPES)
+def test_speculative_tokens_equal_plain_greedy(name, speculative_exports):
+    """Prompt lookup (mostly rejected drafts: rollbacks) and an assistant that is the same
+    model (every draft accepted) give plain greedy's tokens, which are transformers'."""
+    source, folder = speculative_exports(name)
+    model = Gemma3NeuronModelForCausalLM.from_pretrained(folder)
+    ids, mask = repetitive_batch(TEXT_SHAPES[name]["vocab_size"])
+    greedy = dict(max_new_tokens=NEW_TOKENS, do_sample=False)
+    plain = model.generate(ids, mask, **greedy)
+    with torch.inference_mode():
+        assert torch.equal(
+            plain, load_reference(source).generate(ids, attention_mask=mask, **greedy)
+        )
+
+    assert torch.equal(model.generate(ids, mask, prompt_lookup_num_tokens=3, **greedy), plain)
+    lookup = model.speculation_stats
+    assert lookup.verify_calls and lookup.drafted > lookup.accepted  # drafts were rejected
+
+    assistant = Gemma3NeuronModelForCausalLM.from_pretrained(folder)
+    assert torch.equal(model.generate(ids, mask, assistant_model=assistant, **greedy), plain)
+    stats = model.speculation_stats
+    assert stats.accepted == stats.drafted > 0  # the same model drafts what it decodes
+
+
+def test_a_different_assistant_and_processors(speculative_exports):
+    """A 270m-shaped assistant drafting for the 1b shape (same vocabulary, other weights),
+    with a repetition penalty (selection through the processors, row by row)."""
+    _, folder = speculative_exports("1b")
+    _, assistant_folder = speculative_exports("270m")
+    model = Gemma3NeuronModelForCausalLM.from_pretrained(folder)
+    assistant = Gemma3NeuronModelForCausalLM.from_pretrained(assistant_folder)
+    ids, mask = repetitive_batch(512, seed=3)
+    options = dict(max_new_tokens=NEW_TOKENS, do_sample=False, repetition_penalty=1.3)
+    plain = model.generate(ids, mask, **options)
+    assert torch.equal(model.generate(ids, mask, assistant_model=assistant, **options), plain)
+    assert model.speculation_stats.verify_calls
+    assert torch.equal(model.generate(ids, mask, prompt_lookup_num_tokens=2, **options), plain)
+
+
+def test_eos_stop_strings_and_streamer(speculative_exports, real_270m):
+    """Rows ending at their own EOS, a stop string, and a streamer (batch 1) see what plain
+    greedy decoding gives them."""
+    _, folder = speculative_exports("4b")
+    model = Gemma3NeuronModelForCausalLM.from_pretrained(folder)
+    tokenizer = tiny_tokenizer(520)
+    ids, mask = repetitive_batch(520, seed=4)
+    free = model.generate(ids, mask, max_new_tokens=NEW_TOKENS)
+    eos = [1, int(free[0, ids.shape[1] + 9])]  # a token row 0 produces mid-way
+    options = dict(max_new_tokens=NEW_TOKENS, eos_token_id=eos, pad_token_id=0)
+    plain = model.generate(ids, mask, **options)
+    assert torch.equal(model.generate(ids, mask, prompt_lookup_num_tokens=3, **options), plain)
+
+    # StopStringCriteria needs a subword tokenizer; the real one decodes tiny ids to text too.
+    subwords = AutoTokenizer.from_pretrained(real_270m)
+    stop = subwords.decode(free[1, ids.shape[1] + 5 : ids.shape[1] + 7])
+    options = dict(max_new_tokens=NEW_TOKENS, stop_strings=stop, tokenizer=subwords)
+    plain = model.generate(ids, mask, **options)
+    assert torch.equal(model.generate(ids, mask, prompt_lookup_num_tokens=3, **options), plain)
+
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+    one = model.generate(
+        ids[:1], mask[:1], prompt_lookup_num_tokens=3, max_new_tokens=12, streamer=streamer
+    )
+    streamed = "".join(streamer)
+    assert streamed.split() == tokenizer.decode(one[0, ids.shape[1] :]).split()
+
+
+def test_what_speculation_cannot_do_is_refused(speculative_exports, tiny_checkpoints):
+    _, folder = speculative_exports("270m")
+    model = Gemma3NeuronModelForCausalLM.from_pretrained(folder)
+    ids = torch.tensor([[2, 9, 10, 9, 10]])
+    with pytest.raises(ValueError, match="do_sample=True"):
+        model.generate(ids, do_sample=True, prompt_lookup_num_tokens=3)
+    with pytest.raises(ValueError, match="assistant_model is a str"):
+        model.generate(ids, assistant_model="google/gemma-3-270m")
+    _, other = speculative_exports("4b")
+    with pytest.raises(ValueError, match="vocabulary of 520 tokens, this model 512"):
+        model.generate(ids, assistant_model=Gemma3NeuronModelForCausalLM.from_pretrained(other))
+
+    source = tiny_checkpoints("270m")
+    with pytest.raises(ValueError, match="choose speculation_length <= 1"):
+        Gemma3NeuronModelForCausalLM.from_pretrained(
+            source, export=True, **{**SPECULATION, "batch_size": 4}
+        )
+    with pytest.raises(ValueError, match="tp_degree=1"):
+        Gemma3NeuronModelForCausalLM.get_neuron_config(
+            source, **SPECULATION, tensor_parallel_size=2
+        )
+    with pytest.raises(ValueError, match="shortest KV cache"):
+        Gemma3NeuronModelForCausalLM.get_neuron_config(
+            source, **{**SPECULATION, "speculation_length": 8}
+        )
+
+
+def test_a_model_without_verify_program_decodes_plainly(exported, caplog):  # noqa: F811
+    """prompt_lookup_num_tokens on an export without speculation: a warning that says how
+    to get it, and the same tokens."""
+    _, model, _ = exported
+    ids = torch.tensor([[2, 9, 10, 9, 10]])
+    with caplog.at_level(logging.WARNING, logger="optimum_gemma3"):
+        out = model.generate(ids, prompt_lookup_num_tokens=3, max_new_tokens=6)
+    assert "speculation_length=k" in caplog.text
+    assert torch.equal(out, model.generate(ids, max_new_tokens=6))
+
+
+def test_cpu_kernels_are_needed_for_exact_verification(tiny_checkpoints, monkeypatch):
+    from optimum_gemma3.compiler import export
+
+    monkeypatch.setattr(export, "ops_profile_for", lambda target: OpsProfile())
+    with pytest.raises(ValueError, match="needs the cpu backend's kernels"):
+        Gemma3NeuronModelForCausalLM.from_pretrained(
+            tiny_checkpoints("270m"), export=True, **SPECULATION
+        )
