@@ -45,6 +45,7 @@ from ..runtime.loop import decode_loop
 from ..runtime.speculation import (
     AssistantDrafts,
     PromptLookupDrafts,
+    SpeculativeOutput,
     speculative_greedy,
 )
 from ..weights import resolve_checkpoint
