@@ -283,8 +283,11 @@ class Gemma3Runtime:
         ids = torch.full((self.batch_size, width), self.pad_token_id, dtype=torch.long)
         ids[slots] = input_ids.to(torch.long)
         output = self.engine.verify(ids, rollback.positions)
-        per_position = [self._next_token_logits(output[slots, j]) for j in range(width)]
-        return per_position, rollback
+        # One head call for every position (the screen read once for all of them), then
+        # each position's rows as a view of it.
+        logits = self._next_token_logits(output[slots].flatten(0, 1))
+        rows = torch.arange(len(slots)) * width
+        return [logits.rows(rows + j) for j in range(width)], rollback
 
     def save_positions(
         self, positions: torch.Tensor, width: int, slots: Sequence[int] | None = None

@@ -36,6 +36,13 @@ class NextTokenLogits:
             self._full = self._compute_full()
         return self._full
 
+    def rows(self, index: torch.Tensor) -> NextTokenLogits:
+        """The logits of rows `index`, computed with (and as) all of this step's: a view
+        that computes nothing more."""
+        return NextTokenLogits(
+            lambda: self.full()[index], lambda k: tuple(part[index] for part in self.near_top(k))
+        )
+
     def near_top(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._compute_near_top is None:
             logits = self.full()

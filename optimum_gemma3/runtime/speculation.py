@@ -10,11 +10,13 @@ the selected token and the rest are dropped from the caches (`CacheRollback`). S
 tokens are plain greedy decoding's, bit for bit, whatever the drafts; good drafts only make
 it faster. Draft sources: `PromptLookupDrafts` (n-grams of the prompt and output, through
 transformers' `PromptLookupCandidateGenerator`) and `AssistantDrafts` (a smaller compiled
-Gemma-3 decoding greedily).
+Gemma-3 decoding greedily). Free drafts are checked only where that is expected to pay
+(`CheckingPolicy`): a verify call costs a few decode steps.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -45,6 +47,8 @@ class PromptLookupDrafts:
     occurrence of its last n-gram (transformers' prompt lookup, `max_matching_ngram_size`
     down to 1). Free to compute; it pays off where the output repeats the input (editing
     code, summaries, extraction)."""
+
+    free = True  # proposing costs no model call: `CheckingPolicy` decides whether to check
 
     def __init__(
         self, max_matching_ngram_size: int | None = None, eos_token_id: int | list | None = None
@@ -87,6 +91,8 @@ class AssistantDrafts:
     token and its `k` drafts (`k + 1` steps, the last only to store the last draft), then
     keeps the positions the target accepted and puts back the rest."""
 
+    free = False  # its drafts cost decode steps of the assistant: always checked
+
     def __init__(self, assistant: Gemma3Runtime, pad_token_id: int):
         self.runtime = assistant
         self.pad_token_id = pad_token_id
@@ -117,6 +123,37 @@ class AssistantDrafts:
         self._rollback.keep(counts)
 
 
+class CheckingPolicy:
+    """Whether checking a round's free drafts is expected to beat a one-token step.
+
+    A verify call costs `ratio` decode steps (measured in this call: the means of both
+    kinds of round, 2 until both are known) and yields `1 + a + a^2 + ... + a^n` tokens
+    for `n` drafts accepted each with probability `a`. `a` is estimated from every draft
+    the target has judged, including the first draft of rounds decoded without checking
+    (is it the token the step chose?), so the estimate keeps learning either way. The
+    choice changes the speed only: both kinds of round give greedy decoding's tokens.
+    """
+
+    def __init__(self):
+        self.hits, self.tries = 1.0, 2.0  # a prior of 1/2
+        self.seconds = {"verify": [0.0, 0], "decode": [0.0, 0]}
+
+    def record(self, kind: str, seconds: float) -> None:
+        self.seconds[kind][0] += seconds
+        self.seconds[kind][1] += 1
+
+    def observe(self, hits: int, tries: int) -> None:
+        self.hits += hits
+        self.tries += tries
+
+    def worth_checking(self, lengths: list[int]) -> bool:
+        (verify, n_verify), (decode, n_decode) = self.seconds["verify"], self.seconds["decode"]
+        ratio = (verify / n_verify) / (decode / n_decode) if n_verify and n_decode else 2.0
+        accept = self.hits / self.tries
+        drafts = round(sum(lengths) / len(lengths))
+        return sum(accept**i for i in range(drafts + 1)) >= ratio
+
+
 @dataclass
 class GreedySelection:
     """Greedy selection as `decode_loop` does it: transformers' processors on each row's
@@ -134,17 +171,10 @@ class GreedySelection:
             return first_argmax(logits.float()).tolist()
         chosen = []
         for row, sequence in enumerate(sequences):
-            _, scores = step_scores(_row(step, row), sequence, self.logits_processor, self.screen)
+            view = step.rows(torch.tensor([row]))
+            _, scores = step_scores(view, sequence, self.logits_processor, self.screen)
             chosen.append(int(first_argmax(scores)[0]))
         return chosen
-
-
-def _row(step: NextTokenLogits, row: int) -> NextTokenLogits:
-    """Row `row` of a step's logits, computed with (and as) the whole step's."""
-    return NextTokenLogits(
-        lambda: step.full()[row : row + 1],
-        lambda k: tuple(part[row : row + 1] for part in step.near_top(k)),
-    )
 
 
 def speculative_greedy(
@@ -200,6 +230,7 @@ def speculative_greedy(
             finished = bool(stopping_criteria(sequence(row), None)[0])
         active[row] = not finished
 
+    policy = CheckingPolicy()
     if any(active):
         drafts.start(ids, mask)
         first = select(prefill(ids, mask, *aligned), [sequence(r) for r in range(rows)])
@@ -212,11 +243,17 @@ def speculative_greedy(
         room = bool((positions + checked <= runtime.sequence_length).all())
         proposed = drafts.propose(tokens, positions, active, k) if room and k else [[]] * rows
         proposed = [row[:k] for row in proposed]
-        if not any(proposed):
+        lengths = [len(row) for row, on in zip(proposed, active, strict=True) if on]
+        check = any(lengths) and (not drafts.free or policy.worth_checking(lengths))
+        start = time.perf_counter()
+        if not check:
             output.decode_calls += 1
             chosen = select(
                 runtime.decode(pending[:, None], positions), [sequence(r) for r in range(rows)]
             )
+            policy.record("decode", time.perf_counter() - start)
+            judged = [r for r in range(rows) if active[r] and proposed[r]]
+            policy.observe(sum(proposed[r][0] == chosen[r] for r in judged), len(judged))
             for row, token in enumerate(chosen):
                 if active[row]:
                     emit(row, token)
@@ -225,7 +262,8 @@ def speculative_greedy(
                 drafts.keep(torch.ones(rows, dtype=torch.long))
             continue
         output.verify_calls += 1
-        output.drafted += sum(len(row) for row, on in zip(proposed, active, strict=True) if on)
+        output.drafted += sum(lengths)
+        accepted = output.accepted
         padded = [
             [int(p), *row, *[pad_token_id] * (checked - 1 - len(row))]
             for p, row in zip(pending, proposed, strict=True)
@@ -248,6 +286,8 @@ def speculative_greedy(
         rollback.keep(kept)
         drafts.keep(kept)
         positions = positions + kept
+        policy.record("verify", time.perf_counter() - start)
+        policy.observe(output.accepted - accepted, sum(lengths))
     if streamer is not None:
         streamer.end()
     longest = max(map(len, generated))
