@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoTokenizer, TextIteratorStreamer
 from optimum_gemma3 import Gemma3NeuronModelForCausalLM
 from optimum_gemma3.graphs import Gemma3Decoder
 from optimum_gemma3.graphs.ops import OpsProfile
+from optimum_gemma3.runtime.speculation import CheckingPolicy
 from optimum_gemma3.weights import load_weights
 from tests.test_artifacts import exported  # noqa: F401  (session fixture)
 from tests.test_parity import host_profile_with_kernels
@@ -79,8 +80,15 @@ def test_verify_positions_are_decode_steps_bit_for_bit(tiny_checkpoints):
         assert torch.equal(verified, torch.stack(steps, dim=1)), dtype
 
 
+@pytest.fixture
+def always_check(monkeypatch):
+    """Prompt-lookup drafts checked every round: the policy that skips unpromising ones
+    decides by timings, and these tests need the verify path (and its rollbacks)."""
+    monkeypatch.setattr(CheckingPolicy, "worth_checking", lambda self, lengths: True)
+
+
 @pytest.mark.parametrize("name", TEXT_SHAPES)
-def test_speculative_tokens_equal_plain_greedy(name, speculative_exports):
+def test_speculative_tokens_equal_plain_greedy(name, speculative_exports, always_check):
     """Prompt lookup (mostly rejected drafts: rollbacks) and an assistant that is the same
     model (every draft accepted) give plain greedy's tokens, which are transformers'."""
     source, folder = speculative_exports(name)
@@ -103,7 +111,7 @@ def test_speculative_tokens_equal_plain_greedy(name, speculative_exports):
     assert stats.accepted == stats.drafted > 0  # the same model drafts what it decodes
 
 
-def test_a_different_assistant_and_processors(speculative_exports):
+def test_a_different_assistant_and_processors(speculative_exports, always_check):
     """A 270m-shaped assistant drafting for the 1b shape (same vocabulary, other weights),
     with a repetition penalty (selection through the processors, row by row)."""
     _, folder = speculative_exports("1b")
@@ -118,7 +126,7 @@ def test_a_different_assistant_and_processors(speculative_exports):
     assert torch.equal(model.generate(ids, mask, prompt_lookup_num_tokens=2, **options), plain)
 
 
-def test_eos_stop_strings_and_streamer(speculative_exports, real_270m):
+def test_eos_stop_strings_and_streamer(speculative_exports, real_270m, always_check):
     """Rows ending at their own EOS, a stop string, and a streamer (batch 1) see what plain
     greedy decoding gives them."""
     _, folder = speculative_exports("4b")
