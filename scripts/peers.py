@@ -221,7 +221,8 @@ def openvino_model():
     for name in ("INFERENCE_PRECISION_HINT", "KV_CACHE_PRECISION", "INFERENCE_NUM_THREADS",
                  "DYNAMIC_QUANTIZATION_GROUP_SIZE"):
         try:
-            info[name] = str(compiled.get_property(name))
+            value = compiled.get_property(name)
+            info[name] = value.to_string() if hasattr(value, "to_string") else str(value)
         except Exception as error:  # a property this OpenVINO release lacks
             info[name] = f"n/a ({type(error).__name__})"
     import openvino
