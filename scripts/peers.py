@@ -170,7 +170,7 @@ def gguf_path() -> Path:
 
 WORKER = r'''
 """Peer worker: reads a job as JSON on stdin, prints the result as JSON on stdout's last line."""
-import json, os, sys, time
+import json, os, shutil, sys, time
 
 job = json.load(sys.stdin)
 threads = job["threads"]
@@ -201,7 +201,10 @@ def openvino_model():
             job["checkpoint"], export=True, compile=False, load_in_8bit=False,
             quantization_config=quantization,
         )
-        model.save_pretrained(folder)
+        partial = folder + f".partial-{os.getpid()}"  # a finished export appears at once
+        model.save_pretrained(partial)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(partial, folder)
         export_s = time.perf_counter() - start
         del model
     ov_config = {"INFERENCE_NUM_THREADS": str(threads), "PERFORMANCE_HINT": "LATENCY",
