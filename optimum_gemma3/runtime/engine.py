@@ -332,7 +332,9 @@ class CacheRollback:
         self.positions = positions
         self.slots = slots
         self.next_positions = next_positions
-        self.index = {name: positions % cache.shape[2] for name, cache in caches.items()}
+        # Two cache lengths (sliding, full) among all the layers: one slot index each.
+        slot_of = {length: positions % length for length in {c.shape[2] for c in caches.values()}}
+        self.index = {name: slot_of[cache.shape[2]] for name, cache in caches.items()}
         self.saved = {name: cache[self.rows, :, self.index[name]] for name, cache in caches.items()}
 
     def keep(self, counts: torch.Tensor) -> None:
