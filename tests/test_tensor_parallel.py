@@ -157,6 +157,23 @@ class KillRank(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
 
+def test_many_calls_in_a_row_never_deadlock_the_ranks(tp2_folder, monkeypatch):
+    """Hundreds of decode calls back to back. A program output that was a collective's
+    buffer deadlocked a rank within tens of calls (gloo's worker dropping it needs the
+    GIL, which the rank's next program holds); a stuck collective now fails in 30 s."""
+    from optimum_gemma3.runtime import pool
+
+    monkeypatch.setattr(pool, "COLLECTIVE_TIMEOUT_S", 30.0)
+    _, folder = tp2_folder
+    model = Gemma3NeuronModelForCausalLM.from_pretrained(folder)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(25):
+        ids = torch.randint(3, 500, (1, 8), generator=generator)
+        out = model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+        assert out.shape == (1, 32)
+    model.runtime.close()
+
+
 def test_a_killed_rank_fails_the_call_clearly_and_leaves_no_process(tp2_folder):
     _, folder = tp2_folder
     model = Gemma3NeuronModelForCausalLM.from_pretrained(folder)

@@ -119,7 +119,20 @@ def gather_vocab(logits: torch.Tensor, rank: torch.Tensor, vocab_size: int) -> t
     local = logits.shape[-1]
     columns = rank * local + torch.arange(local, device=logits.device)
     full = logits.new_zeros(*logits.shape[:-1], vocab_size).index_copy(-1, columns, logits)
-    return all_reduce(full)
+    return outside_collective(all_reduce(full))
+
+
+def outside_collective(x: torch.Tensor) -> torch.Tensor:
+    """`x` in a buffer of its own, for a program output computed by a collective.
+
+    Gloo's worker thread drops its reference to a collective's buffer after the call has
+    returned. Were that buffer the program's output, Python would own it by then, the drop
+    would need the GIL, and the rank's main thread holds the GIL inside its next program
+    while its first collective waits for that worker's lock: both ranks wait forever.
+    Inductor turns `clone()` and `copy_()` back into the buffer itself; a multiply by one is
+    a kernel it keeps, and exact.
+    """
+    return x * 1
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ vanishes sees its command pipe close and exits.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 import shutil
@@ -36,13 +37,18 @@ import torch.multiprocessing as mp
 logger = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 10.0
+# A collective still waiting for a peer after this long fails the call (instead of
+# waiting forever): far longer than any one layer's work between two collectives.
+COLLECTIVE_TIMEOUT_S = 600.0
 
 
 class TensorParallelError(RuntimeError):
     """A rank process failed or died: the model cannot continue and must be reloaded."""
 
 
-def _rank_main(rank: int, degree: int, folder: str, token, store: str, conn, logits) -> None:
+def _rank_main(
+    rank: int, degree: int, folder: str, token, store: str, timeout_s: float, conn, logits
+) -> None:
     """A rank process: join the group, load this rank's engine, serve commands until told."""
     from transformers import AutoConfig
 
@@ -53,7 +59,11 @@ def _rank_main(rank: int, degree: int, folder: str, token, store: str, conn, log
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // degree))
     try:
         dist.init_process_group(
-            "gloo", store=dist.FileStore(store, degree), rank=rank, world_size=degree
+            "gloo",
+            store=dist.FileStore(store, degree),
+            rank=rank,
+            world_size=degree,
+            timeout=datetime.timedelta(seconds=timeout_s),
         )
         folder = Path(folder)
         text = text_config(AutoConfig.from_pretrained(folder))
@@ -126,6 +136,7 @@ class RankPool:
                     str(folder),
                     token,
                     f"{store_dir}/store",
+                    COLLECTIVE_TIMEOUT_S,
                     child_end,
                     self._logits,
                 ),
