@@ -157,6 +157,84 @@ def test_screen_radius_is_just_wide_enough_for_the_worst_rounding(dtype):
     assert floor[0] == full[0, 0].float() == 0
 
 
+def screen_logits(x, q8, scales, isa="best"):
+    """The screen's logits [M, N] and per-row radius, with the instructions `isa` names
+    (skips where this CPU lacks them)."""
+    try:
+        return torch.ops.optimum_gemma3.screen_logits(x, q8, scales, isa)
+    except RuntimeError as error:
+        if "not available here" in str(error):
+            pytest.skip(f"this CPU has no {isa} path ({error})")
+        raise
+
+
+def l1_radius(x: torch.Tensor) -> torch.Tensor:
+    """The bound's term for the weights' int8 rounding alone (header of
+    screened_linear.cpp): what the radius was before x was quantized too."""
+    g = (x.shape[-1] + 2) * 2.0**-24
+    gamma = g / (1 - g)
+    return x.float().abs().sum(-1) * (0.5 + 384 * gamma) * (1 + 4 * gamma)
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", ["avx2", "vnni"])
+@pytest.mark.parametrize("features", [100, 640, 5376])  # 5376: Gemma-3 27b's width
+def test_screen_logits_are_exact_integer_sums_within_the_radius(isa, features):
+    """Every path gives the same screened logits (exact int32 sums, then the same three
+    fp32 roundings), for 1 to 8 rows, and every exact logit is within the radius; rows
+    with an outlier feature (the x term of the radius) included."""
+    generator = torch.Generator().manual_seed(features)
+    weight = torch.randn(700, features, generator=generator)
+    weight[5] = 0  # a zero row: scale 0
+    q8, scales = quantize_rows(weight)
+    for rows in range(1, SKINNY_MAX_ROWS + 1):
+        x = torch.randn(rows, features, generator=generator)
+        x[0, 3] = 300.0  # an outlier: a coarse step for the row's other features
+        if rows > 1:
+            x[1] = 0  # an all-zero row: step 0
+        logits, radius = screen_logits(x, q8, scales, isa)
+        reference, _ = screen_logits(x, q8, scales, "avx2")
+        assert torch.equal(logits, reference)
+        exact = x.double() @ weight.double().T
+        error = (exact - logits.double()).abs()
+        assert (error <= radius.double()[:, None] * scales.double()).all()
+        assert (radius >= l1_radius(x)).all()
+
+
+def quantized_x_worst_case() -> tuple[torch.Tensor, torch.Tensor]:
+    """x [1, 640] whose levels lose almost half a step on 639 features, and two tokens the
+    screen therefore orders wrongly by more than the weights' rounding alone allows.
+
+    L = 26420 levels for K = 640; x_0 = L t with t = 2^-10 sets the step t, and every other
+    x_k = 0.49 t rounds to level 0. Token 0's weight is 127/128 (scale 2^-7, level 127,
+    exact) on those 639 features and 0 on feature 0: screened logit 0, exact logit
+    639 * 0.49 t * 127/128 = 0.303. Token 1's is 0.006 on feature 0 only: 0.155 both
+    ways. So token 0 is the argmax, but the weights' rounding term alone (0.5147 l1 s =
+    0.105) cannot lift its screened 0 to 0.155; the x term (127 K t / 2 * s = 0.31) does.
+    """
+    levels, step = 26420, 2.0**-10
+    x = torch.full((1, 640), 0.49 * step)
+    x[0, 0] = levels * step
+    weight = torch.zeros(2, 640)
+    weight[0, 1:] = 127 / 128
+    weight[1, 0] = 0.006
+    return x, weight
+
+
+@needs_kernels
+def test_screen_radius_covers_the_rounding_of_x():
+    x, weight = quantized_x_worst_case()
+    q8, scales = quantize_rows(weight)
+    logits, radius = screen_logits(x, q8, scales)
+    full = skinny_linear(x, weight)
+    assert int(full.argmax()) == 0 and logits[0, 0] == 0 and logits[0, 1] > 0.15
+    # Without the x term token 0 could not reach token 1's logit: the screen would drop it.
+    assert logits[0, 0] + l1_radius(x)[0] * scales[0] < full[0, 1]
+    assert logits[0, 0] + radius[0] * scales[0] >= full[0, 0]
+    ours, floor = screened_linear(x, weight)
+    assert int(ours.argmax()) == 0 and ours[0, 0] == full[0, 0]
+
+
 def unscreenable(case: str, dtype):
     """x, weight, q8, scales for which the screen's bound does not hold: every logit then."""
     generator = torch.Generator().manual_seed(5)

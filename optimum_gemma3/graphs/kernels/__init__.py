@@ -42,7 +42,9 @@ SOURCES = tuple(
     HERE / name
     for name in ("skinny_linear.cpp", "screened_linear.cpp", "decode_attention.cpp", "dense.cpp")
 )
-HEADERS = (HERE / "vector.h", HERE / "linear_shapes.h", HERE / "row_products.h")
+HEADERS = tuple(
+    HERE / name for name in ("vector.h", "linear_shapes.h", "row_products.h", "screen_products.h")
+)
 # The most input rows one call of the few-row products takes (screened_linear's limit;
 # skinny_linear takes more in blocks of this size). The C++ side reads it from FLAGS.
 MAX_ROWS = 8

@@ -13,23 +13,31 @@
 // `floor`, which at least k returned values reach.
 //
 // The bound, for input row x (l1 = sum |x_k|) and weight row w with scale s = max|w| / 127
-// and q = round(w / s), |q| <= 127 (all in real arithmetic unless said):
+// and q = round(w / s), |q| <= 127; x's step t = max|x| / L and levels p = round(x / t),
+// |p| <= L (screen_products.h: L keeps every int32 sum p.q exact); the screened logit is
+// a = fl(fl(p.q) t) s. In real arithmetic unless said:
 //   |x.w - s (x.q)| = |sum_k x_k (w_k - s q_k)| <= l1 s (1/2 + 128 u)  (128 u: w/s rounding)
-//   fp32 x.q and s * it, and the fp32 x.w skinny_linear computes, each err <= g l1 128 s
-// with g = gamma_(K+2) = (K+2) u / (1 - (K+2) u), u = 2^-24 (any summation order, FMA or
-// not). So |f - a| <= l1 s (1/2 + 384 g) for the exact-path f and screened a, and the
-// factor (1 + 4 g) covers the fp32 rounding of l1 and of a + radius. The anchors are the
-// row's k tokens with the largest a; F is the smallest of their exact logits, rounded to
+//   |x.q - t (p.q)| = |sum_k (x_k - t p_k) q_k| <= 127 K t (1/2 + 2 u L)  (2 u L: x/t's)
+//   a within 3 u of s t (p.q), whose size is <= 127 s (l1 + K t (1/2 + 2 u L)), and the
+//   fp32 x.w skinny_linear computes within g l1 128 s
+// with g = gamma_(K+2) = (K+2) u / (1 - (K+2) u) >= 3 u, u = 2^-24 (any summation order,
+// FMA or not). So |f - a| <= s (l1 (1/2 + 384 g) + 127 K t (1/2 + 2 u L) (1 + 4 g)) for
+// the exact-path f and screened a, and the factor (1 + 4 g) on the l1 term covers the
+// fp32 rounding of l1 and of a + radius. The x term is small unless x has a huge outlier
+// (127 K t ~ 1.5 max|x| for the 270M's K = 640, against l1 / 2 ~ 320 mean|x|). The radius
+// is summed in double and rounded up to fp32. The anchors are the row's k tokens
+// with the largest a; F is the smallest of their exact logits, rounded to
 // the output dtype, so at least k returned values are >= F. A token is a candidate when
 // a + radius >= threshold, the threshold a margin below F. Every other token has
 // f < threshold, which rounds below F: the margin (2^-5 |F| in bf16, whose spacing is
 // <= 2^-7 |F|; 2^-20 |F| in fp32) plus 1e-30 for F = 0 keeps round(f) < F. So F, returned
 // as `floor`, is a value every non-candidate's logit is strictly below.
 //
-// All of this assumes no sum overflows. Each one the screen makes is below
-// 256 l1 max(1, max s) in magnitude: x.q's partial sums (<= 127 l1, up to rounding),
-// s (x.q) + radius (<= 128 l1 s), the exact partial sums (<= l1 max|w| = 127 l1 s) and F.
-// When that is not finite (x not finite, or so large that a sum could overflow), or a
+// All of this assumes no fp32 sum overflows and that t is 0 or a normal number (so x / t
+// rounds within u). Each fp32 value the screen makes is below 256 (l1 + K t) max(1, max s)
+// in magnitude: t (p.q) + radius (<= 128 (l1 + K t) s), the exact partial sums
+// (<= l1 max|w| = 127 l1 s) and F. When that is not finite (x not finite, or so large
+// that a sum could overflow), t is subnormal (every |x| below 2^-126 L), or a
 // threshold is not (an anchor's logit is NaN or +inf: only from a weight that q8 and
 // scales were not made from), every logit is computed and `floor` is -inf, as a head
 // that cannot screen answers (`NextTokenLogits.near_top`); a NaN threshold would
@@ -48,6 +56,7 @@
 #include <vector>
 
 #include "row_products.h"
+#include "screen_products.h"
 
 namespace {
 
@@ -55,8 +64,9 @@ using namespace optimum_gemma3;
 
 constexpr float kUnitRoundoff = 1.0f / (1 << 24);
 constexpr int64_t kChunksPerThread = 4;
-// Every sum the screen makes is below kHeadroom * l1 * max(1, max s) (see the header).
+// Every value the screen makes is below kHeadroom * (l1 + K t) * max(1, max s) (header).
 constexpr float kHeadroom = 256.0f;
+static_assert(kMaxRows <= 8, "level_products takes 1 to 8 rows");
 
 // The largest |v| of n values, or NaN if any is NaN (a vector max would drop it), 8 lanes
 // at a time.
@@ -152,46 +162,75 @@ using Scored = std::pair<float, int64_t>;  // (screened logit, token)
 // Best first; as a heap's order, it keeps the worst on top.
 bool better(const Scored& l, const Scored& r) { return l.first > r.first; }
 
-// Keeps in `best` (a heap, worst on top) the k tokens of [n0, n1) with the largest a[n].
-void keep_best(const float* a, int64_t n0, int64_t n1, int64_t k, std::vector<Scored>& best) {
+// Keeps in `best` (a heap, worst on top) the k tokens of [n0, n1) with the largest
+// a[n * stride].
+void keep_best(const float* a, int64_t stride, int64_t n0, int64_t n1, int64_t k,
+               std::vector<Scored>& best) {
   int64_t n = n0;
   for (; n < n1 && static_cast<int64_t>(best.size()) < k; ++n) {
-    best.emplace_back(a[n], n);
+    best.emplace_back(a[n * stride], n);
     std::push_heap(best.begin(), best.end(), better);
   }
   for (; n < n1; ++n) {
-    if (!(a[n] > best.front().first)) continue;
+    if (!(a[n * stride] > best.front().first)) continue;
     std::pop_heap(best.begin(), best.end(), better);
-    best.back() = {a[n], n};
+    best.back() = {a[n * stride], n};
     std::push_heap(best.begin(), best.end(), better);
   }
+}
+
+// Each input row's levels and step for the screen, its radius per unit of weight scale
+// (|f - a| <= radius * s: the header's bound), and whether the bound holds for all rows.
+struct ScreenRows {
+  std::vector<int16_t> levels;  // [M, K]
+  std::vector<float> steps, radius;  // [M]
+  bool screenable = true;
+};
+
+ScreenRows screen_rows(int64_t M, const float* x, int64_t K, float top_scale) {
+  const double g = (K + 2) * static_cast<double>(kUnitRoundoff);
+  const double gamma = g / (1.0 - g);
+  const float coefficient = static_cast<float>((0.5 + 384.0 * gamma) * (1.0 + 4.0 * gamma));
+  const int64_t L = x_levels(K);
+  const double level_error = 0.5 + 2.0 * kUnitRoundoff * L;
+  ScreenRows rows{std::vector<int16_t>(M * K, 0), std::vector<float>(M, 0.0f),
+                  std::vector<float>(M)};
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = x + m * K;
+    float l1 = 0.0f;
+    for (int64_t i = 0; i < K; ++i) l1 += std::abs(row[i]);
+    if (std::isfinite(l1))
+      rows.steps[m] = quantize_input_row(row, K, L, largest_magnitude(row, K), &rows.levels[m * K]);
+    const float step = rows.steps[m], extent = l1 + K * step;
+    rows.screenable = rows.screenable && std::isfinite(kHeadroom * extent) &&
+                      std::isfinite(kHeadroom * extent * std::max(1.0f, top_scale)) &&
+                      (step == 0.0f || step >= std::numeric_limits<float>::min());
+    const double radius = static_cast<double>(l1) * coefficient +
+                          127.0 * K * step * level_error * (1.0 + 4.0 * gamma);
+    float rounded = static_cast<float>(radius);  // rounded up: the bound must hold
+    if (rounded < radius) rounded = std::nextafter(rounded, std::numeric_limits<float>::infinity());
+    rows.radius[m] = rounded;
+  }
+  return rows;
 }
 
 // out (fp32 or bf16) holds the exact values of the candidates, -inf elsewhere.
 template <typename W, typename O>
 void screen(int64_t M, const float* x, const W* w, const int8_t* q8, const float* scales,
             int64_t N, int64_t K, int64_t k, O* out, float* floor) {
-  const double g = (K + 2) * static_cast<double>(kUnitRoundoff);
-  const double gamma = g / (1.0 - g);
-  const float coefficient = static_cast<float>((0.5 + 384.0 * gamma) * (1.0 + 4.0 * gamma));
   // The bound needs sums that cannot overflow (see the header); else every logit.
-  const float top_scale = largest_magnitude(scales, N);
-  std::vector<float> radius(M);
-  bool screenable = true;
-  for (int64_t m = 0; m < M; ++m) {
-    float l1 = 0.0f;
-    for (int64_t i = 0; i < K; ++i) l1 += std::abs(x[m * K + i]);
-    screenable = screenable && std::isfinite(kHeadroom * l1) &&
-                 std::isfinite(kHeadroom * l1 * top_scale);
-    radius[m] = l1 * coefficient;
-  }
+  ScreenRows rows = screen_rows(M, x, K, largest_magnitude(scales, N));
+  bool screenable = rows.screenable;
+  const std::vector<float>& radius = rows.radius;
 
-  // Pass 1: screened logits a[m, n] = s_n (x_m . q_n), and each chunk's k best a per row.
-  // Kept per calling thread across calls: a fresh megabyte per row costs its page faults.
-  // (Used through a pointer: inside the workers the name would mean their own copy.)
+  // Pass 1: screened logits a[n, m] = s_n t_m (p_m . q_n), and each chunk's k best a per
+  // row. Kept per calling thread across calls: a fresh megabyte per row costs its page
+  // faults. (Used through a pointer: inside the workers the name would mean their own.)
   thread_local std::vector<float> scratch;
   if (scratch.size() < static_cast<size_t>(M * N)) scratch.resize(M * N);
   float* approx = scratch.data();
+  const LevelProducts products{std::string(best_level_isa()) == "vnni", rows.levels.data(),
+                               q8, K, rows.steps.data(), scales, approx};
   const int64_t chunks = std::max<int64_t>(1, at::get_num_threads() * kChunksPerThread);
   const int64_t chunk_size = (N + chunks - 1) / chunks;
   std::vector<std::vector<Scored>> chunk_best(chunks * M);
@@ -199,12 +238,9 @@ void screen(int64_t M, const float* x, const W* w, const int8_t* q8, const float
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t n0 = std::min(N, c * chunk_size), n1 = std::min(N, n0 + chunk_size);
       if (n0 == n1) continue;
-      multiply(M, x, q8, approx, n0, n1, K, N);
-      for (int64_t m = 0; m < M; ++m) {
-        float* a = approx + m * N;
-        for (int64_t n = n0; n < n1; ++n) a[n] *= scales[n];
-        if (screenable) keep_best(a, n0, n1, k, chunk_best[c * M + m]);
-      }
+      level_products(M, products, n0, n1);
+      if (screenable)
+        for (int64_t m = 0; m < M; ++m) keep_best(approx + m, M, n0, n1, k, chunk_best[c * M + m]);
     }
   });
 
@@ -245,7 +281,7 @@ void screen(int64_t M, const float* x, const W* w, const int8_t* q8, const float
       for (int64_t n = n0; n < n1; ++n) {
         bool candidate = !screenable;
         for (int64_t m = 0; m < M && !candidate; ++m)
-          candidate = approx[m * N + n] + radius[m] * scales[n] >= threshold[m];
+          candidate = approx[n * M + m] + radius[m] * scales[n] >= threshold[m];
         if (!candidate) continue;
         exact_row(M, x, w, n, K, values.data());
         for (int64_t m = 0; m < M; ++m) out[m * N + n] = static_cast<O>(values[m]);
@@ -254,18 +290,25 @@ void screen(int64_t M, const float* x, const W* w, const int8_t* q8, const float
   });
 }
 
+// Checks the int8 copy (q8, scales) has the shape of a [N, K] weight.
+void check_int8_copy(const char* op, const at::Tensor& q8, const at::Tensor& scales, int64_t N,
+                     int64_t K) {
+  TORCH_CHECK(q8.scalar_type() == at::kChar && q8.dim() == 2 && q8.size(0) == N &&
+                  q8.size(1) == K,
+              op, ": q8 must be int8 of the weight's shape [", N, ", ", K, "], got ",
+              q8.scalar_type(), " ", q8.sizes());
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 1 && scales.size(0) == N,
+              op, ": float32 scales [", N, "] expected, got ", scales.scalar_type(), " ",
+              scales.sizes());
+}
+
 std::tuple<at::Tensor, at::Tensor> screened_linear_cpu(const at::Tensor& x,
                                                        const at::Tensor& weight,
                                                        const at::Tensor& q8,
                                                        const at::Tensor& scales, int64_t k) {
   const auto sizes = few_row_output_sizes("screened_linear", x, weight);
   const int64_t K = weight.size(1), N = weight.size(0);
-  TORCH_CHECK(q8.scalar_type() == at::kChar && q8.sizes() == weight.sizes(),
-              "screened_linear: q8 must be int8 of the weight's shape ", weight.sizes(),
-              ", got ", q8.scalar_type(), " ", q8.sizes());
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 1 && scales.size(0) == N,
-              "screened_linear: float32 scales [", N, "] expected, got ", scales.scalar_type(),
-              " ", scales.sizes());
+  check_int8_copy("screened_linear", q8, scales, N, K);
   const at::Tensor rows = x.reshape({-1, K}).contiguous();
   const int64_t M = rows.size(0);
   TORCH_CHECK(M >= 1 && M <= kMaxRows, "screened_linear: 1 to ", kMaxRows, " rows, got ", M);
@@ -288,6 +331,37 @@ std::tuple<at::Tensor, at::Tensor> screened_linear_cpu(const at::Tensor& x,
   return {out.view(sizes), floor.view(floor_sizes)};
 }
 
+
+// The screen's logits a [M, N] (fp32) and each row's radius [M] (|exact - a| <= radius *
+// scales[n] wherever the bound holds) with the instructions `isa` names ("avx2", "vnni"
+// or "best"): the pieces tests check the bound and the two paths' agreement with.
+std::tuple<at::Tensor, at::Tensor> screen_logits_cpu(const at::Tensor& x, const at::Tensor& q8,
+                                                     const at::Tensor& scales,
+                                                     c10::string_view isa) {
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "screen_logits: float32 or bfloat16 x [M, K] expected, got ", x.scalar_type(), " ",
+              x.sizes());
+  const int64_t M = x.size(0), K = x.size(1), N = scales.numel();
+  check_int8_copy("screen_logits", q8, scales, N, K);
+  TORCH_CHECK(M >= 1 && M <= kMaxRows, "screen_logits: 1 to ", kMaxRows, " rows, got ", M);
+  const std::string wanted(isa), best(best_level_isa());
+  TORCH_CHECK(wanted == "best" || wanted == "avx2" || wanted == best, "screen_logits: isa ",
+              wanted, " is not available here (best: ", best, ")");
+  const at::Tensor rows = x.contiguous(), q = q8.contiguous(), s = scales.contiguous();
+  std::vector<float> widened;
+  const float* xf = fp32_rows(rows, widened);
+  const ScreenRows screen = screen_rows(M, xf, K, largest_magnitude(s.data_ptr<float>(), N));
+  at::Tensor logits = at::empty({N, M}, x.options().dtype(at::kFloat));
+  at::Tensor radius = at::empty({M}, x.options().dtype(at::kFloat));
+  std::copy(screen.radius.begin(), screen.radius.end(), radius.data_ptr<float>());
+  const LevelProducts products{(wanted == "best" ? best : wanted) == "vnni",
+                               screen.levels.data(), q.data_ptr<int8_t>(), K,
+                               screen.steps.data(), s.data_ptr<float>(),
+                               logits.data_ptr<float>()};
+  at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) { level_products(M, products, n0, n1); });
+  return {logits.t().contiguous(), radius};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(optimum_gemma3, m) {
@@ -295,9 +369,11 @@ TORCH_LIBRARY_FRAGMENT(optimum_gemma3, m) {
   m.def(
       "screened_linear(Tensor x, Tensor weight, Tensor q8, Tensor scales, int k=1) -> "
       "(Tensor, Tensor)");
+  m.def("screen_logits(Tensor x, Tensor q8, Tensor scales, str isa='best') -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(optimum_gemma3, CPU, m) {
   m.impl("quantize_rows", quantize_rows_cpu);
   m.impl("screened_linear", screened_linear_cpu);
+  m.impl("screen_logits", screen_logits_cpu);
 }

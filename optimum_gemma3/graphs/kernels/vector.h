@@ -1,4 +1,4 @@
-// AVX2 helpers shared by this package's kernels: fp32 lanes from fp32, bf16 or int8 memory.
+// AVX2 helpers shared by this package's kernels: fp32 lanes from fp32 or bf16 memory.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -28,12 +28,6 @@ inline __m256 load_fp32(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load_fp32(const c10::BFloat16* p) {
   __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
-}
-
-// int8 widens exactly too (sign-extend, then convert).
-inline __m256 load_fp32(const int8_t* p) {
-  __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
 }
 
 }  // namespace optimum_gemma3
