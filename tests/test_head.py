@@ -13,9 +13,12 @@ import torch
 import torch.nn.functional as F
 from transformers.generation import (
     LogitsProcessorList,
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     StoppingCriteria,
     StoppingCriteriaList,
+    SuppressTokensAtBeginLogitsProcessor,
     SuppressTokensLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -29,7 +32,9 @@ from optimum_gemma3.runtime.logits import NextTokenLogits
 from optimum_gemma3.runtime.loop import decode_loop
 from optimum_gemma3.runtime.selection import (
     MAX_SCREENED_TOP_K,
+    apply_processors,
     first_argmax,
+    masked_token_ids,
     screened_selection,
     step_scores,
 )
@@ -309,6 +314,34 @@ def test_host_head_screens_any_number_of_rows():
         assert torch.isfinite(logits).any(-1).all() and torch.isfinite(floor).all()
         assert torch.isinf(logits).any(-1).all()  # screened: most logits not computed
         assert torch.equal(logits.argmax(-1), head.logits(hidden).argmax(-1))
+
+
+@pytest.mark.parametrize("length", [4, 5, 6, 9, 10, 40])
+def test_masking_processors_give_their_own_scores_without_a_vocabulary_mask(length):
+    """The masking processors applied as ids set to -inf: the processors' own results, bit
+    for bit, active or not at this length, ids outside the vocabulary ignored as theirs
+    ignore them."""
+    eos = [1, 7, 500]  # 500: outside the 300-token vocabulary
+    processors = [
+        MinNewTokensLengthLogitsProcessor(
+            prompt_length_to_skip=3, min_new_tokens=6, eos_token_id=eos
+        ),
+        MinLengthLogitsProcessor(min_length=10, eos_token_id=eos),
+        SuppressTokensLogitsProcessor([2, 3, 299, 400]),
+        SuppressTokensAtBeginLogitsProcessor([4, 5], begin_index=5),
+    ]
+    sequences = torch.arange(2 * length).reshape(2, length)
+    scores = torch.randn(2, 300, generator=torch.Generator().manual_seed(length))
+    for processor in processors:
+        assert masked_token_ids(processor, length) is not None
+        ours = apply_processors([processor], sequences, scores)
+        assert torch.equal(ours, processor(sequences, scores))
+        assert ours is not scores
+    assert torch.equal(
+        apply_processors(processors, sequences, scores),
+        LogitsProcessorList(processors)(sequences, scores),
+    )
+    assert masked_token_ids(TopKLogitsWarper(5), length) is None
 
 
 # -- the token loop's choice ---------------------------------------------------------------
