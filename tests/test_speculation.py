@@ -8,11 +8,18 @@ import logging
 import pytest
 import torch
 from transformers import AutoConfig, AutoTokenizer, TextIteratorStreamer
+from transformers.generation import (
+    LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    SuppressTokensLogitsProcessor,
+)
 
 from optimum_gemma3 import Gemma3NeuronModelForCausalLM
 from optimum_gemma3.graphs import Gemma3Decoder
 from optimum_gemma3.graphs.ops import OpsProfile
-from optimum_gemma3.runtime.speculation import CheckingPolicy
+from optimum_gemma3.runtime.logits import NextTokenLogits
+from optimum_gemma3.runtime.speculation import CheckingPolicy, GreedySelection
 from optimum_gemma3.weights import load_weights
 from tests.test_artifacts import exported  # noqa: F401  (session fixture)
 from tests.test_parity import host_profile_with_kernels
@@ -124,6 +131,75 @@ def test_a_different_assistant_and_processors(speculative_exports, always_check)
     assert torch.equal(model.generate(ids, mask, assistant_model=assistant, **options), plain)
     assert model.speculation_stats.verify_calls
     assert torch.equal(model.generate(ids, mask, prompt_lookup_num_tokens=2, **options), plain)
+
+
+def screened_step(logits: torch.Tensor, floor: torch.Tensor) -> NextTokenLogits:
+    """A step whose head returns `logits` (-inf outside its candidates) above `floor`."""
+    return NextTokenLogits(lambda: logits, lambda k: (logits, floor))
+
+
+def test_a_verify_calls_positions_are_chosen_at_once_as_one_by_one():
+    """With only id-masking processors, `by_length` chooses every position of a verify
+    call in one pass: the choices of position-by-position selection on each sequence,
+    including where min_new_tokens masks the best candidate (EOS) and where it masks every
+    candidate at or above the floor (then None: the caller goes step by step)."""
+    eos, vocab = 1, 50
+    processors = LogitsProcessorList(
+        [
+            MinNewTokensLengthLogitsProcessor(6, 3, eos_token_id=[eos]),
+            SuppressTokensLogitsProcessor([7]),
+        ]
+    )
+    select = GreedySelection(processors)
+    assert (
+        select.lengths_suffice
+        and not GreedySelection(
+            LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.3)])
+        ).lengths_suffice
+    )
+    generator = torch.Generator().manual_seed(0)
+    steps, sequences = [], []
+    for j in range(4):  # 2 rows of 6 + j tokens: EOS masked while fewer than 3 are new
+        logits = torch.full((2, vocab), -torch.inf)
+        logits[:, [eos, 7, 11, 20 + j]] = torch.randn(2, 4, generator=generator)
+        logits[0, eos] = logits[0, 7] = 5.0  # row 0's best: EOS, then a suppressed token
+        floor = torch.full((2,), -3.0)
+        steps.append(screened_step(logits, floor))
+        sequences.append([torch.zeros(1, 6 + j + row, dtype=torch.long) for row in range(2)])
+    lengths = [[6 + j + row for row in range(2)] for j in range(4)]
+    one_by_one = [select(step, seqs) for step, seqs in zip(steps, sequences, strict=True)]
+    assert select.by_length(steps, lengths) == one_by_one
+    assert one_by_one[0][0] != eos and one_by_one[3][0] == eos  # masked, then not
+
+    only_eos = torch.full((1, vocab), -torch.inf)
+    only_eos[0, eos] = 1.0  # the one candidate is masked: no exact score survives
+    assert select.by_length([screened_step(only_eos, torch.tensor([0.5]))], [[6]]) is None
+
+
+def test_min_new_tokens_and_suppressed_tokens_with_drafts(
+    speculative_exports, always_check, monkeypatch
+):
+    """Id-masking processors, positions chosen at once: plain greedy's tokens."""
+    chosen_at_once = []
+    by_length = GreedySelection.by_length
+    monkeypatch.setattr(
+        GreedySelection,
+        "by_length",
+        lambda self, *args: chosen_at_once.append(by_length(self, *args)) or chosen_at_once[-1],
+    )
+    _, folder = speculative_exports("270m")
+    model = Gemma3NeuronModelForCausalLM.from_pretrained(folder)
+    ids, mask = repetitive_batch(512, seed=5)
+    options = dict(
+        max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, suppress_tokens=[9]
+    )
+    plain = model.generate(ids, mask, **options)
+    assert not (plain[:, ids.shape[1] :] == 9).any()
+    assert torch.equal(model.generate(ids, mask, prompt_lookup_num_tokens=3, **options), plain)
+    assert model.speculation_stats.verify_calls
+    # Chosen at once, except in rounds where masking left a row no screened candidate
+    # (EOS or token 9 on top: then position by position, as the screen's fallback).
+    assert any(choices is not None for choices in chosen_at_once)
 
 
 def test_eos_stop_strings_and_streamer(speculative_exports, real_270m, always_check):

@@ -26,7 +26,7 @@ from transformers.generation.candidate_generator import PromptLookupCandidateGen
 from .engine import Gemma3Runtime
 from .logits import NextTokenLogits
 from .loop import left_align
-from .selection import first_argmax, screened_selection, step_scores
+from .selection import first_argmax, masked_token_ids, screened_selection, step_scores
 
 
 @dataclass
@@ -164,6 +164,14 @@ class GreedySelection:
     def __post_init__(self):
         self.screen = screened_selection(self.logits_processor, do_sample=False)
         self.plain = self.screen is not None and not self.screen.before and not self.screen.after
+        # Only processors that set known ids to -inf (min_new_tokens, suppress_tokens, ...):
+        # a position's choice then depends on its sequence's length alone, so all the
+        # positions of a verify call are chosen at once (`by_length`), not one by one.
+        self.lengths_suffice = (
+            self.screen is not None
+            and not self.screen.after
+            and all(masked_token_ids(p, 0) is not None for p in self.screen.before)
+        )
 
     def __call__(self, step: NextTokenLogits, sequences: list[torch.Tensor]) -> list[int]:
         if self.plain:  # no processors: every row at once
@@ -175,6 +183,32 @@ class GreedySelection:
             _, scores = step_scores(view, sequence, self.logits_processor, self.screen)
             chosen.append(int(first_argmax(scores)[0]))
         return chosen
+
+    def by_length(
+        self, steps: Sequence[NextTokenLogits], lengths: list[list[int]]
+    ) -> list[list[int]] | None:
+        """Every step's choice per row (`lengths[j][row]`: the length of that row's
+        sequence at step j), in one pass over all of them, where `lengths_suffice`: the
+        scores `step_scores` makes (each processor's ids set to -inf), the first largest.
+        None where masking left some row no exact candidate at or above its floor (then
+        `step_scores`' fallback, every logit, decides: the caller selects step by step)."""
+        near = [step.near_top(1) for step in steps]
+        scores = torch.cat([logits for logits, _ in near]).float()  # a fresh tensor
+        floor = torch.cat([floor for _, floor in near])
+        rows, ids = [], []
+        for row, length in enumerate(length for step in lengths for length in step):
+            for processor in self.screen.before:
+                masked = masked_token_ids(processor, length)
+                masked = masked[(masked >= 0) & (masked < scores.shape[-1])].long()
+                rows.append(torch.full_like(masked, row))
+                ids.append(masked)
+        if ids:
+            scores[torch.cat(rows), torch.cat(ids)] = -torch.inf
+        # An exact candidate survives where its score is still >= floor (masked ones are
+        # -inf); with a floor of -inf every logit is exact and any score will do.
+        if not bool(((scores >= floor[:, None]).sum(-1) >= 1).all()):
+            return None
+        return first_argmax(scores).view(len(steps), -1).tolist()
 
 
 def speculative_greedy(
@@ -271,10 +305,17 @@ def speculative_greedy(
         steps, rollback = runtime.verify(torch.tensor(padded), positions)
         kept = torch.ones(rows, dtype=torch.long)  # the pending token
         checking = list(active)
+        at_once = None
+        if select.lengths_suffice:
+            done = [len(prompts[r]) + len(generated[r]) for r in range(rows)]
+            at_once = select.by_length(steps, [[n + j for n in done] for j in range(len(steps))])
         for j, step in enumerate(steps):
             if not any(checking):
                 break
-            chosen = select(step, [sequence(r, proposed[r][:j]) for r in range(rows)])
+            if at_once is not None:
+                chosen = at_once[j]
+            else:
+                chosen = select(step, [sequence(r, proposed[r][:j]) for r in range(rows)])
             for row, token in enumerate(chosen):
                 if not checking[row]:
                     continue
