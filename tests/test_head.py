@@ -31,6 +31,7 @@ from optimum_gemma3.runtime.head import HostHead
 from optimum_gemma3.runtime.logits import NextTokenLogits
 from optimum_gemma3.runtime.loop import decode_loop
 from optimum_gemma3.runtime.selection import (
+    ID_MASKING_PROCESSORS,
     MAX_SCREENED_TOP_K,
     apply_processors,
     first_argmax,
@@ -333,7 +334,7 @@ def test_masking_processors_give_their_own_scores_without_a_vocabulary_mask(leng
     sequences = torch.arange(2 * length).reshape(2, length)
     scores = torch.randn(2, 300, generator=torch.Generator().manual_seed(length))
     for processor in processors:
-        assert masked_token_ids(processor, length) is not None
+        assert type(processor) in ID_MASKING_PROCESSORS
         ours = apply_processors([processor], sequences, scores)
         assert torch.equal(ours, processor(sequences, scores))
         assert ours is not scores
@@ -341,7 +342,8 @@ def test_masking_processors_give_their_own_scores_without_a_vocabulary_mask(leng
         apply_processors(processors, sequences, scores),
         LogitsProcessorList(processors)(sequences, scores),
     )
-    assert masked_token_ids(TopKLogitsWarper(5), length) is None
+    with pytest.raises(TypeError, match="TopKLogitsWarper is not one of"):
+        masked_token_ids(TopKLogitsWarper(5), length, 300)
 
 
 # -- the token loop's choice ---------------------------------------------------------------

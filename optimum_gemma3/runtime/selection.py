@@ -44,6 +44,14 @@ SCREENED_TEMPERATURES = (1e-4, 1e4)
 # under half of every logit and k = 4096 about two thirds (docs/performance.md). Larger
 # top_k values are rare and unmeasured.
 MAX_SCREENED_TOP_K = 1024
+# The masking processors whose ids at a step depend only on the sequence's length
+# (`masked_token_ids`): applied by setting those ids, without a vocabulary-wide mask.
+ID_MASKING_PROCESSORS = (
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+    SuppressTokensLogitsProcessor,
+    SuppressTokensAtBeginLogitsProcessor,
+)
 _NO_TOKENS = torch.empty(0, dtype=torch.long)
 
 
@@ -146,34 +154,37 @@ def _block_width(width: int) -> int:
 def apply_processors(
     processors: list, sequences: torch.Tensor, scores: torch.Tensor
 ) -> torch.Tensor:
+    """The processors' scores, in order; masking ones set their ids (`masked_token_ids`)."""
     for processor in processors:
-        masked = masked_token_ids(processor, sequences.shape[-1])
-        if masked is None:
+        if type(processor) in ID_MASKING_PROCESSORS:  # its own result, without its mask
+            masked = masked_token_ids(processor, sequences.shape[-1], scores.shape[-1])
+            scores = scores.index_fill(-1, masked, -math.inf)
+        else:
             scores = processor(sequences, scores)
-        else:  # the processor's own result, without its vocabulary-wide mask
-            inside = masked[(masked >= 0) & (masked < scores.shape[-1])].long()
-            scores = scores.index_fill(-1, inside, -math.inf)
     return scores
 
 
-def masked_token_ids(processor, length: int) -> torch.Tensor | None:
-    """The token ids a masking processor sets to -inf at a step whose sequences are
-    `length` tokens long (transformers 4.57's rules), or None for other processors.
+def masked_token_ids(processor, length: int, vocab_size: int) -> torch.Tensor:
+    """The token ids (int64, within the vocabulary) that one of `ID_MASKING_PROCESSORS`
+    sets to -inf at a step whose sequences are `length` tokens long (transformers 4.57's
+    rules; ids outside the vocabulary are ignored, as its `isin` over it ignores them).
 
-    Why: each of these builds a mask over the whole vocabulary (`isin` of an `arange`) at
-    every call, 2.7 ms for Gemma-3's 262144 tokens, a seventh of a bf16 decode step of the
-    270M, paid at every position a verify call checks; setting the few ids directly gives
-    the same scores (tests/test_head.py compares them with the processors' own).
+    Why: each of them builds a mask over the whole vocabulary (`isin` of an `arange`) at
+    every call, 0.6-2.7 ms for Gemma-3's 262144 tokens, up to a seventh of a bf16 decode
+    step of the 270M, paid at every position a verify call checks; setting the few ids
+    directly gives the same scores (tests/test_head.py compares them with the processors').
     """
     kind = type(processor)
     if kind is MinNewTokensLengthLogitsProcessor:
         active = length - processor.prompt_length_to_skip < processor.min_new_tokens
-        return processor.eos_token_id if active else _NO_TOKENS
-    if kind is MinLengthLogitsProcessor:
-        return processor.eos_token_id if length < processor.min_length else _NO_TOKENS
-    if kind is SuppressTokensLogitsProcessor:
-        return processor.suppress_tokens
-    if kind is SuppressTokensAtBeginLogitsProcessor:
+        ids = processor.eos_token_id if active else _NO_TOKENS
+    elif kind is MinLengthLogitsProcessor:
+        ids = processor.eos_token_id if length < processor.min_length else _NO_TOKENS
+    elif kind is SuppressTokensLogitsProcessor:
+        ids = processor.suppress_tokens
+    elif kind is SuppressTokensAtBeginLogitsProcessor:
         active = length == processor.begin_index
-        return processor.begin_suppress_tokens if active else _NO_TOKENS
-    return None
+        ids = processor.begin_suppress_tokens if active else _NO_TOKENS
+    else:
+        raise TypeError(f"{kind.__name__} is not one of ID_MASKING_PROCESSORS")
+    return ids[(ids >= 0) & (ids < vocab_size)].long()

@@ -26,7 +26,13 @@ from transformers.generation.candidate_generator import PromptLookupCandidateGen
 from .engine import Gemma3Runtime
 from .logits import NextTokenLogits
 from .loop import left_align
-from .selection import first_argmax, masked_token_ids, screened_selection, step_scores
+from .selection import (
+    ID_MASKING_PROCESSORS,
+    first_argmax,
+    masked_token_ids,
+    screened_selection,
+    step_scores,
+)
 
 
 @dataclass
@@ -170,7 +176,7 @@ class GreedySelection:
         self.lengths_suffice = (
             self.screen is not None
             and not self.screen.after
-            and all(masked_token_ids(p, 0) is not None for p in self.screen.before)
+            and all(type(p) in ID_MASKING_PROCESSORS for p in self.screen.before)
         )
 
     def __call__(self, step: NextTokenLogits, sequences: list[torch.Tensor]) -> list[int]:
@@ -198,8 +204,7 @@ class GreedySelection:
         rows, ids = [], []
         for row, length in enumerate(length for step in lengths for length in step):
             for processor in self.screen.before:
-                masked = masked_token_ids(processor, length)
-                masked = masked[(masked >= 0) & (masked < scores.shape[-1])].long()
+                masked = masked_token_ids(processor, length, scores.shape[-1])
                 rows.append(torch.full_like(masked, row))
                 ids.append(masked)
         if ids:
