@@ -22,7 +22,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <string>
 
 #include "vector.h"
 
@@ -137,18 +136,18 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void level_products_vnni(
   }
 }
 
-// Which instructions the level products use: "vnni" where the CPU has AVX-512 VNNI (and
-// BW), else "avx2". Decided at run time: the library is built once for every host.
-inline const char* best_level_isa() {
+// Whether the CPU has AVX-512 VNNI (and F, BW) for `level_products_vnni`; else AVX2.
+// Decided at run time: the library is built once for every host.
+inline bool has_vnni() {
   static const bool vnni = __builtin_cpu_supports("avx512vnni") &&
                            __builtin_cpu_supports("avx512bw") &&
                            __builtin_cpu_supports("avx512f");
-  return vnni ? "vnni" : "avx2";
+  return vnni;
 }
 
 // The arguments of `level_products` besides the rows.
 struct LevelProducts {
-  bool vnni;  // the instructions: the caller checks the CPU has them (`best_level_isa`)
+  bool vnni;  // the instructions: the caller checks the CPU has them (`has_vnni`)
   const int16_t* x;  // [M, K] levels
   const int8_t* q;  // [N, K]
   int64_t K;

@@ -50,6 +50,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -229,7 +230,7 @@ void screen(int64_t M, const float* x, const W* w, const int8_t* q8, const float
   thread_local std::vector<float> scratch;
   if (scratch.size() < static_cast<size_t>(M * N)) scratch.resize(M * N);
   float* approx = scratch.data();
-  const LevelProducts products{std::string(best_level_isa()) == "vnni", rows.levels.data(),
+  const LevelProducts products{has_vnni(), rows.levels.data(),
                                q8, K, rows.steps.data(), scales, approx};
   const int64_t chunks = std::max<int64_t>(1, at::get_num_threads() * kChunksPerThread);
   const int64_t chunk_size = (N + chunks - 1) / chunks;
@@ -331,7 +332,6 @@ std::tuple<at::Tensor, at::Tensor> screened_linear_cpu(const at::Tensor& x,
   return {out.view(sizes), floor.view(floor_sizes)};
 }
 
-
 // The screen's logits a [M, N] (fp32) and each row's radius [M] (|exact - a| <= radius *
 // scales[n] wherever the bound holds) with the instructions `isa` names ("avx2", "vnni"
 // or "best"): the pieces tests check the bound and the two paths' agreement with.
@@ -344,7 +344,7 @@ std::tuple<at::Tensor, at::Tensor> screen_logits_cpu(const at::Tensor& x, const 
   const int64_t M = x.size(0), K = x.size(1), N = scales.numel();
   check_int8_copy("screen_logits", q8, scales, N, K);
   TORCH_CHECK(M >= 1 && M <= kMaxRows, "screen_logits: 1 to ", kMaxRows, " rows, got ", M);
-  const std::string wanted(isa), best(best_level_isa());
+  const std::string wanted(isa), best = has_vnni() ? "vnni" : "avx2";
   TORCH_CHECK(wanted == "best" || wanted == "avx2" || wanted == best, "screen_logits: isa ",
               wanted, " is not available here (best: ", best, ")");
   const at::Tensor rows = x.contiguous(), q = q8.contiguous(), s = scales.contiguous();
