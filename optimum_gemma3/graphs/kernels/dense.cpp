@@ -16,12 +16,10 @@
 
 namespace {
 
-std::vector<int64_t> output_sizes(const at::Tensor& x, const at::Tensor& weight) {
-  std::vector<int64_t> sizes = optimum_gemma3::linear_output_sizes("dense", x, weight);
+void check_dtypes(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
               "dense: float32 x and weight expected, got ", x.scalar_type(), " and ",
               weight.scalar_type());
-  return sizes;
 }
 
 at::Tensor dense_cpu(const at::Tensor& x, const at::Tensor& weight) {
@@ -31,7 +29,8 @@ at::Tensor dense_cpu(const at::Tensor& x, const at::Tensor& weight) {
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                             c10::string_view, c10::List<std::optional<at::Scalar>>,
                             std::optional<c10::string_view>)>();
-  const auto sizes = output_sizes(x, weight);
+  check_dtypes(x, weight);
+  const auto sizes = optimum_gemma3::linear_output_sizes("dense", x, weight);
   const at::Tensor rows = x.reshape({-1, x.size(-1)}).contiguous();
   return onednn_linear
       .call(rows, weight.contiguous(), std::nullopt, "none", c10::List<std::optional<at::Scalar>>(),
@@ -40,7 +39,8 @@ at::Tensor dense_cpu(const at::Tensor& x, const at::Tensor& weight) {
 }
 
 at::Tensor dense_meta(const at::Tensor& x, const at::Tensor& weight) {
-  return at::empty(output_sizes(x, weight), x.options());
+  check_dtypes(x, weight);
+  return at::empty_symint(optimum_gemma3::linear_output_sym_sizes("dense", x, weight), x.options());
 }
 
 }  // namespace
