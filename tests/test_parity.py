@@ -12,6 +12,7 @@ from transformers import AutoConfig
 
 from optimum_gemma3.accuracy import less_accurate_than
 from optimum_gemma3.graphs import Gemma3Decoder, layers, text_config
+from optimum_gemma3.graphs.cache import image_groups, prefill_mask
 from optimum_gemma3.graphs.ops import PLAIN, OpsProfile
 from optimum_gemma3.runtime.loop import greedy_generate
 from optimum_gemma3.weights import load_weights
@@ -221,3 +222,56 @@ def test_blocked_prefill_attention_keeps_tokens_identical(name, tiny_checkpoints
     ids, mask = left_padded_batch(text_config(reference.config).vocab_size, seed=6)
     ours = our_greedy(build_decoder(folder), ids, mask, new_tokens=24, prompt_length=32)
     assert torch.equal(ours.sequences[:, -24:], hf_greedy(reference, ids, mask, 24)[:, -24:])
+
+
+SDPA_PREFILL = OpsProfile(sdpa_prefill=True)
+
+
+@pytest.mark.parametrize("name", ["270m", "4b", "27b"])
+def test_sdpa_prefill_keeps_tokens_identical(name, tiny_checkpoints, monkeypatch):
+    """The any-length prefill (`sdpa_prefill`) in query blocks of 4 over 23-token prompts
+    and 8/16-token windows, left-padded as given: transformers' tokens."""
+    monkeypatch.setattr(layers, "SDPA_QUERY_BLOCK", 4)
+    folder = tiny_checkpoints(name)
+    reference = load_reference(folder)
+    ids, mask = left_padded_batch(text_config(reference.config).vocab_size, seed=6)
+    ours = our_greedy(build_decoder(folder, ops=SDPA_PREFILL), ids, mask, new_tokens=24)
+    assert torch.equal(ours.sequences[:, -24:], hf_greedy(reference, ids, mask, 24)[:, -24:])
+
+
+def test_sdpa_prefill_logits_close_to_transformers_forward(tiny_checkpoints):
+    """Left- or right-padded, the any-length prefill's last-token logits are transformers'."""
+    folder = tiny_checkpoints("27b")
+    reference = load_reference(folder)
+    decoder = build_decoder(folder, ops=SDPA_PREFILL)
+    ids, mask = left_padded_batch(520, seed=4)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    order = torch.sort(mask, dim=-1, descending=True, stable=True).indices
+    with torch.inference_mode():
+        expected = reference(input_ids=ids, attention_mask=mask, position_ids=position_ids)
+        for prompts, padding in ((ids, mask), (ids.gather(1, order), mask.gather(1, order))):
+            ours = decoder.prefill(prompts, padding)
+            torch.testing.assert_close(ours, expected.logits[:, -1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 3, 8])
+@pytest.mark.parametrize("length", [1, 4, 5, 11, 23])
+def test_sdpa_prefill_attention_is_the_masked_softmax(window, length, monkeypatch):
+    """Every query's attention (and the last token's alone) equals the masked softmax over
+    `cache.prefill_mask`, image blocks included, whatever the block boundaries."""
+    monkeypatch.setattr(layers, "SDPA_QUERY_BLOCK", 4)
+    generator = torch.Generator().manual_seed(length)
+    q, k, v = (torch.randn(2, h, length, 8, generator=generator) for h in (4, 2, 2))
+    types = torch.zeros(2, length, dtype=torch.long)
+    if length > 10:
+        types[0, 2:5] = types[0, 6:9] = types[1, -3:] = 1
+    for token_types, reach in ((None, 0), (types, 2)):
+        mask = prefill_mask(torch.ones(2, length, dtype=torch.long), window, token_types)
+        expected = layers.grouped_attention(q, k, v, mask, 0.5, ops=PLAIN)
+        groups = None if token_types is None else image_groups(token_types)
+        args = (0.5, window, groups, reach)
+        ours = layers.sdpa_prefill_attention(q, k, v, *args, ops=PLAIN)
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+        last = torch.full((2,), length - 1)
+        only = layers.sdpa_prefill_attention(q[:, :, -1:], k, v, *args, last=last, ops=PLAIN)
+        torch.testing.assert_close(only, expected[:, :, -1:], rtol=1e-5, atol=1e-6)

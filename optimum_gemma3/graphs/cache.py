@@ -64,16 +64,20 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
-def fill_index(lengths: torch.Tensor, prompt_len: int, cache_len: int) -> torch.Tensor:
-    """For each row and cache slot, the index in the left-padded prompt that fills it.
+def fill_index(
+    lengths: torch.Tensor, prompt_len: int, cache_len: int, left_padded: bool = True
+) -> torch.Tensor:
+    """For each row and cache slot, the index in the padded prompt that fills it.
 
     Slot `s` receives the latest real position `p <= lengths - 1` with `p % cache_len == s`;
-    a left-padded row's position `p` sits at prompt index `p + (prompt_len - lengths)`.
+    a left-padded row's position `p` sits at prompt index `p + (prompt_len - lengths)`, a
+    right-padded row's at `p`.
     """
     last = (lengths - 1)[:, None]
     slots = torch.arange(cache_len, device=lengths.device)
-    positions = last - torch.remainder(last - slots, cache_len)
-    index = positions + (prompt_len - lengths)[:, None]
+    index = last - torch.remainder(last - slots, cache_len)
+    if left_padded:
+        index = index + (prompt_len - lengths)[:, None]
     return index.clamp(0, prompt_len - 1)
 
 
@@ -88,17 +92,21 @@ def filled_slots(positions: torch.Tensor, cache_len: int) -> torch.Tensor:
     return (positions + 1).clamp(max=cache_len)
 
 
-def image_blocks(token_type_ids: torch.Tensor) -> torch.Tensor:
-    """`[B, S, S]`: whether query `i` and key `j` are image tokens of the same image.
+def image_groups(token_type_ids: torch.Tensor) -> torch.Tensor:
+    """`[B, S]`: each token's image number, -1 for text.
 
     An image is a run of consecutive `token_type_ids == 1`, numbered in order, as
     transformers' `Gemma3Model.forward` groups them (`image_group_ids`).
     """
     is_image = token_type_ids == 1
     starts = is_image & ~F.pad(is_image, (1, 0), value=False)[:, :-1]
-    group = torch.where(is_image, starts.long().cumsum(-1) - 1, -1)
-    same = group[:, :, None] == group[:, None, :]
-    return same & is_image[:, :, None] & is_image[:, None, :]
+    return torch.where(is_image, starts.long().cumsum(-1) - 1, -1)
+
+
+def image_blocks(token_type_ids: torch.Tensor) -> torch.Tensor:
+    """`[B, S, S]`: whether query `i` and key `j` are image tokens of the same image."""
+    group = image_groups(token_type_ids)
+    return (group[:, :, None] == group[:, None, :]) & (group[:, :, None] >= 0)
 
 
 def prefill_mask(

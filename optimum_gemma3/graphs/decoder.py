@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers import Gemma3TextConfig
 
-from .cache import KVCache, decode_mask, fill_index, filled_slots, prefill_mask
+from .cache import KVCache, decode_mask, fill_index, filled_slots, image_groups, prefill_mask
 from .config import FULL, LAYER_TYPES, SLIDING, ImageTokens, rope_frequencies, text_config
 from .layers import (
     MLP,
@@ -38,6 +38,7 @@ from .layers import (
     decode_attention,
     linear,
     output_linear,
+    sdpa_prefill_attention,
 )
 from .ops import PLAIN, OpsProfile
 from .parallel import RANK_NAME, TensorParallelLayout, all_reduce, gather_vocab
@@ -49,13 +50,15 @@ class LayerInputs:
 
     cos: torch.Tensor
     sin: torch.Tensor
-    mask: torch.Tensor | tuple[torch.Tensor, ...]  # decode: one mask per new token
+    mask: torch.Tensor | tuple[torch.Tensor, ...] | None  # decode: one per new token
     positions: torch.Tensor | None = None  # decode: where to write the new tokens [B, T]
     filled: tuple[torch.Tensor, ...] = ()  # decode: per new token, the slots each row sees
     fill_index: torch.Tensor | None = None  # prefill: which prompt token fills each slot
     slots: torch.Tensor | None = None  # prefill: the cache row each prompt fills
     window: int | None = None  # prefill: the sliding window (None: full attention)
     image_reach: int = 0  # prefill: how far beyond causal range an image token may see
+    groups: torch.Tensor | None = None  # sdpa prefill: each token's image, -1 for text
+    last: torch.Tensor | None = None  # sdpa prefill: each row's last real token [B]
 
 
 class Attention(nn.Module):
@@ -103,7 +106,9 @@ class Attention(nn.Module):
         """
         queries, cos, sin, mask = x, inputs.cos, inputs.sin, inputs.mask
         if last_query_only:
-            queries, cos, sin, mask = x[:, -1:], cos[:, :, -1:], sin[:, :, -1:], mask[:, :, -1:]
+            queries = last_tokens(x, inputs.last)
+            cos, sin = last_tokens(cos, inputs.last, 2), last_tokens(sin, inputs.last, 2)
+            mask = None if mask is None else mask[:, :, -1:]
         q = self.q_norm(self._heads(self.q_proj(queries), self.num_heads))
         k = self.k_norm(self._heads(self.k_proj(x), self.num_kv_heads))
         v = self._heads(self.v_proj(x), self.num_kv_heads)
@@ -112,9 +117,22 @@ class Attention(nn.Module):
         if inputs.fill_index is not None:
             # Prefill starts from an empty cache: attend within the prompt, then store it.
             self.cache.fill(k, v, inputs.fill_index, inputs.slots)
-            out = blocked_prefill_attention(
-                q, k, v, mask, self.scale, inputs.window, inputs.image_reach, ops=self.ops
-            )
+            if self.ops.sdpa_prefill:
+                out = sdpa_prefill_attention(
+                    q,
+                    k,
+                    v,
+                    self.scale,
+                    inputs.window,
+                    inputs.groups,
+                    inputs.image_reach,
+                    last=inputs.last if last_query_only else None,
+                    ops=self.ops,
+                )
+            else:
+                out = blocked_prefill_attention(
+                    q, k, v, mask, self.scale, inputs.window, inputs.image_reach, ops=self.ops
+                )
         else:
             out = self._decode_attention(q, k, v, inputs)
         batch, seq = queries.shape[:2]
@@ -170,9 +188,32 @@ class DecoderLayer(nn.Module):
         """
         attended = self.self_attn(self.input_layernorm(h), inputs, last_token_only)
         if last_token_only:
-            h = h[:, -1:]
+            h = last_tokens(h, inputs.last)
         h = h + self.post_attention_layernorm(attended)
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+
+
+def _real_tokens_first(input_ids, attention_mask, *per_token):
+    """The prompts (and their per-token inputs, where given) with each row's real tokens
+    moved to the front in order, the padding after them: right padding, stably sorted."""
+    order = torch.sort(attention_mask, dim=-1, descending=True, stable=True).indices
+
+    def gathered(values):
+        if values is None:
+            return None
+        index = order.view(*order.shape, *[1] * (values.dim() - 2)).expand_as(values)
+        return values.gather(1, index)
+
+    return gathered(input_ids), gathered(attention_mask), *map(gathered, per_token)
+
+
+def last_tokens(x: torch.Tensor, last: torch.Tensor | None, dim: int = 1) -> torch.Tensor:
+    """`x`'s entries at each row's last real token along `dim`, keeping that dim (size 1):
+    the last index for left-padded prompts (`last` None), else `last` `[B]`."""
+    if last is None:
+        return x.narrow(dim, x.shape[dim] - 1, 1)
+    index = last.view(-1, *[1] * (x.dim() - 1))
+    return x.gather(dim, index.expand(*x.shape[:dim], 1, *x.shape[dim + 1 :]))
 
 
 def head_weight_name(config) -> str:
@@ -349,24 +390,40 @@ class Gemma3Decoder(nn.Module):
 
         The compiled prefill takes one prompt (B = 1) and its slot: a row's numbers then
         depend on its own prompt only, never on the other rows or their lengths.
+
+        A decoder whose ops profile has `sdpa_prefill` moves the padding to the right
+        first (an identity for prompts that come so) and traces one graph for every
+        length (see `layers.sdpa_prefill_attention`); its programs take prompts padded to
+        a whole number of `SDPA_QUERY_BLOCK` tokens.
         """
+        sdpa = self.ops.sdpa_prefill
         if slots is None:
             slots = torch.arange(input_ids.shape[0], device=input_ids.device)
         prompt_len = input_ids.shape[1]
+        if sdpa:
+            input_ids, attention_mask, image_embeds, token_type_ids = _real_tokens_first(
+                input_ids, attention_mask, image_embeds, token_type_ids
+            )
+            positions = torch.arange(prompt_len, device=input_ids.device).expand_as(input_ids)
+        else:
+            positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         lengths = attention_mask.sum(-1)
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         reach = 0 if token_type_ids is None else self.image_tokens.per_image - 1
+        groups = None if token_type_ids is None or not sdpa else image_groups(token_type_ids)
         inputs = {}
         for kind in LAYER_TYPES:
             cos, sin = self.rotary[kind](positions, self.dtype)
+            window = self.window[kind]
             inputs[kind] = LayerInputs(
                 cos,
                 sin,
-                prefill_mask(attention_mask, self.window[kind], token_type_ids),
-                fill_index=fill_index(lengths, prompt_len, self.cache_len[kind]),
+                None if sdpa else prefill_mask(attention_mask, window, token_type_ids),
+                fill_index=fill_index(lengths, prompt_len, self.cache_len[kind], not sdpa),
                 slots=slots,
-                window=self.window[kind],
+                window=window,
                 image_reach=reach,
+                groups=groups,
+                last=lengths - 1 if sdpa else None,
             )
         if image_embeds is None:
             h = self._embed(input_ids)
@@ -418,7 +475,8 @@ class Gemma3Decoder(nn.Module):
 
 class PrefillGraph(nn.Module):
     """`Gemma3Decoder.prefill` of one prompt into one cache row, as a module's forward, for
-    tracing one prompt bucket (with the image inputs where the decoder takes them)."""
+    tracing one prompt bucket, or every prompt length where the decoder's
+    ops profile has `sdpa_prefill` (with the image inputs where the decoder takes them)."""
 
     def __init__(self, decoder: Gemma3Decoder, with_head: bool = True):
         super().__init__()

@@ -44,7 +44,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, ops: OpsProfile) -> torch.Tens
     a bf16 GEMM, at fp32 speed.
     """
     rows = x.numel() // x.shape[-1]
-    if ops.skinny_linear and rows <= SKINNY_MAX_ROWS:
+    # A prompt of any length (a dynamic-length graph: `rows` symbolic) takes the many-row form.
+    if ops.skinny_linear and isinstance(rows, int) and rows <= SKINNY_MAX_ROWS:
         return torch.ops.optimum_gemma3.skinny_linear(x, weight)
     if ops.bf16_products_in_fp32 and x.dtype == torch.bfloat16:
         return linear(x.float(), weight.float(), ops).to(x.dtype)
@@ -164,10 +165,10 @@ def bf16_attention_in_fp32(attention: Callable[..., torch.Tensor]) -> Callable[.
     """
 
     @functools.wraps(attention)
-    def wrapper(q, k, v, *args, ops: OpsProfile):
+    def wrapper(q, k, v, *args, ops: OpsProfile, **kwargs):
         if ops.bf16_products_in_fp32 and q.dtype == torch.bfloat16:
-            return attention(q.float(), k.float(), v.float(), *args).to(q.dtype)
-        return attention(q, k, v, *args)
+            return attention(q.float(), k.float(), v.float(), *args, **kwargs).to(q.dtype)
+        return attention(q, k, v, *args, **kwargs)
 
     return wrapper
 
@@ -264,6 +265,99 @@ def blocked_prefill_attention(
             )
         )
     return torch.cat(blocks, dim=2)
+
+
+# `sdpa_prefill_attention` takes a sliding layer's queries this many at a time.
+SDPA_QUERY_BLOCK = 64
+
+
+def _sdpa(q, k, v, scale: float, mask: torch.Tensor | None = None, causal: bool = False):
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
+    )
+
+
+@bf16_attention_in_fp32
+def sdpa_prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    window: int | None,
+    groups: torch.Tensor | None = None,
+    reach: int = 0,
+    last: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention over right-padded prompts by torch's `scaled_dot_product_attention` (a
+    flash kernel on CPU), in a graph whose size does not depend on the prompt's length.
+
+    q: `[B, H, S, D]`, or with `last` (`[B]`, each row's last real token) that token's
+    `[B, H, 1, D]`; k, v: `[B, Hkv, S, D]`. Query `i`
+    sees key `j` iff `j <= i` and (sliding) `i - j < window`, or both are tokens of the
+    same image (`groups` `[B, S]`: each token's image number, -1 for text and padding;
+    `reach`: the longest image less one), as `cache.prefill_mask` says.
+
+    Why: one prefill program serves every prompt length (compiled once with a dynamic
+    length, not once per bucket), so nothing may loop over the length in Python. With the
+    padding on the right, no real token sees it (causality), so there is no padding mask:
+    full layers of a text prompt attend causally, where the kernel skips the blocks above
+    the diagonal; sliding layers take blocks of `SDPA_QUERY_BLOCK` queries, each over the
+    window of keys it can see (an `unfold` view: no work grows with the square of the
+    length); full layers with images take the `[S, S]` mask. Exact as a masked softmax:
+    masked keys weigh exactly 0. Padding queries compute values nothing reads.
+    """
+    length = k.shape[2]
+    if last is not None:
+        distance = last[:, None] - torch.arange(length, device=q.device)[None]
+        allowed = distance >= 0
+        if window is not None:
+            allowed = allowed & (distance < window)
+        if groups is not None:
+            own = groups.gather(1, last[:, None])
+            allowed = allowed | ((groups == own) & (own >= 0))
+        return _sdpa(q, k, v, scale, allowed[:, None, None])
+    if window is None:
+        if groups is None:
+            return _sdpa(q, k, v, scale, causal=True)
+        index = torch.arange(length, device=q.device)
+        same = (groups[:, :, None] == groups[:, None, :]) & (groups[:, :, None] >= 0)
+        return _sdpa(q, k, v, scale, ((index[:, None] >= index[None, :]) | same)[:, None])
+    return _sliding_sdpa(q, k, v, scale, window, groups, reach)
+
+
+def _sliding_sdpa(q, k, v, scale: float, window: int, groups, reach: int) -> torch.Tensor:
+    """`sdpa_prefill_attention` of a sliding layer: blocks of queries over their windows.
+
+    Block `b` holds queries `[b Q, (b + 1) Q)` and keys `[b Q - back, (b + 1) Q + reach)`,
+    zero-padded outside the prompt and masked; `back` is the window less one (or the
+    longest image's reach). Only the number of blocks depends on the prompt's length.
+    """
+    batch, heads, length, dim = q.shape
+    kv_heads, block = k.shape[1], SDPA_QUERY_BLOCK
+    tail = -length % block  # 0 in programs, whose prompts are whole blocks
+    blocks = (length + tail) // block
+    back = max(window - 1, reach)
+    width = back + block + reach
+
+    def windows(t: torch.Tensor) -> torch.Tensor:
+        t = F.pad(t, (0, 0, back, tail + reach)).unfold(2, width, block)
+        return t.permute(0, 2, 1, 4, 3).reshape(batch * blocks, kv_heads, width, dim)
+
+    queries = F.pad(q, (0, 0, 0, tail)).view(batch, heads, blocks, block, dim).transpose(1, 2)
+    queries = queries.reshape(batch * blocks, heads, block, dim)
+    starts = torch.arange(blocks, device=q.device)[:, None, None] * block
+    query = starts + torch.arange(block, device=q.device)[None, :, None]
+    key = starts - back + torch.arange(width, device=q.device)[None, None, :]
+    distance = query - key
+    allowed = ((distance >= 0) & (distance < window) & (key >= 0))[None]
+    if groups is not None:
+        query_groups = F.pad(groups, (0, tail), value=-1).view(batch, blocks, block, 1)
+        key_groups = F.pad(groups, (back, tail + reach), value=-1).unfold(1, width, block)
+        allowed = allowed | ((query_groups == key_groups[:, :, None]) & (query_groups >= 0))
+    mask = allowed.expand(batch, -1, -1, -1).reshape(batch * blocks, 1, block, width)
+    out = _sdpa(queries, windows(k), windows(v), scale, mask)
+    out = out.view(batch, blocks, heads, block, dim).transpose(1, 2)
+    return out.reshape(batch, heads, blocks * block, dim)[:, :, :length]
 
 
 def gelu_tanh(x: torch.Tensor, ops: OpsProfile) -> torch.Tensor:

@@ -32,6 +32,9 @@ class OpsProfile:
     bf16_products_in_fp32: bool = False
     # gelu(tanh) as x * sigmoid(2u), the same function (see `layers.gelu_tanh`).
     gelu_as_sigmoid: bool = False
+    # Prefill takes the unpadded prompt, any length in one graph, and attends with torch's
+    # scaled_dot_product_attention (see `layers.sdpa_prefill_attention`).
+    sdpa_prefill: bool = False
 
     @classmethod
     def for_host(cls) -> OpsProfile:
@@ -45,6 +48,7 @@ class OpsProfile:
             bf16_products_in_fp32=not torch.backends.mkldnn.is_available()
             or not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
             gelu_as_sigmoid=True,
+            sdpa_prefill=True,
         )
 
     @property
