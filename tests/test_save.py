@@ -17,13 +17,13 @@ from optimum_gemma3.paths import replaced_atomically
 from tests.conftest import REPO
 from tests.test_artifacts import SHAPE
 
-ONE_BUCKET = {**SHAPE, "context_encoding_buckets": [16]}  # the same programs, minus one
+WITH_VERIFY = {**SHAPE, "speculation_length": 1}  # the same programs, plus one
 
 
 @pytest.fixture(scope="module")
 def models(tiny_checkpoints):
-    """Two exports of one tiny model: buckets 16 and 32, and bucket 16 only (compiled once:
-    the compile cache serves the second's programs)."""
+    """Two exports of one tiny model: with the verify program (speculation_length 1) and
+    without it (compiled once: the compile cache serves the second's programs)."""
     source = tiny_checkpoints("4b")
 
     def export(shape):
@@ -32,7 +32,7 @@ def models(tiny_checkpoints):
         )
         return Gemma3NeuronModelForCausalLM.export(source, config)
 
-    return export(SHAPE), export(ONE_BUCKET)
+    return export(WITH_VERIFY), export(SHAPE)
 
 
 def user_files(folder):
@@ -52,8 +52,8 @@ def assert_kept(folder, files):
         assert (folder / name).read_text() == text, name
 
 
-def buckets_of(folder) -> list[int]:
-    return json.loads((folder / "neuron_config.json").read_text())["context_encoding_buckets"]
+def speculation_of(folder) -> int:
+    return json.loads((folder / "neuron_config.json").read_text())["speculation_length"]
 
 
 def test_user_files_in_the_folder_and_its_subfolders_are_kept(models, tmp_path):
@@ -64,7 +64,7 @@ def test_user_files_in_the_folder_and_its_subfolders_are_kept(models, tmp_path):
     model.save_pretrained(folder)
     assert_kept(folder, files)
     reloaded = Gemma3NeuronModelForCausalLM.from_pretrained(folder)
-    assert reloaded.neuron_config.context_encoding_buckets == [16, 32]
+    assert reloaded.neuron_config.speculation_length == 1
 
 
 def test_saving_into_the_current_directory(models, tmp_path, monkeypatch):
@@ -87,14 +87,14 @@ def test_a_path_that_is_a_file_is_refused(models, tmp_path):
 
 
 def test_resaving_replaces_the_earlier_export_and_nothing_else(models, tmp_path):
-    two_buckets, one_bucket = models
+    with_verify, without_verify = models
     folder = tmp_path / "out"
-    two_buckets.save_pretrained(folder)
+    with_verify.save_pretrained(folder)
     files = user_files(folder)
-    assert (folder / "compiled/prefill_32.pt2").is_file()
-    one_bucket.save_pretrained(folder)
-    assert not (folder / "compiled/prefill_32.pt2").exists()  # the earlier export's, stale
-    assert buckets_of(folder) == [16]
+    assert (folder / "compiled/verify.pt2").is_file()
+    without_verify.save_pretrained(folder)
+    assert not (folder / "compiled/verify.pt2").exists()  # the earlier export's, stale
+    assert speculation_of(folder) == 0
     assert_kept(folder, files)
     listed = set(json.loads((folder / "neuron_config.json").read_text())["artifact_files"])
     assert set(files_below(folder)) == listed | set(files) | {"neuron_config.json"}
@@ -124,8 +124,8 @@ def test_another_libraries_manifest_is_not_taken_for_ours(models, tmp_path):
 
 def test_a_manifest_naming_files_outside_the_folder_is_refused(models, tmp_path):
     """A forged or edited manifest cannot make a save delete or overwrite a file elsewhere."""
-    two_buckets, one_bucket = models
-    folder = two_buckets.save_pretrained(tmp_path / "out")
+    with_verify, without_verify = models
+    folder = with_verify.save_pretrained(tmp_path / "out")
     victims = {tmp_path / "victim.txt": "not the model's", tmp_path / "elsewhere.txt": "mine"}
     for path, text in victims.items():
         path.write_text(text)
@@ -136,7 +136,7 @@ def test_a_manifest_naming_files_outside_the_folder_is_refused(models, tmp_path)
     (folder / "neuron_config.json").write_text(json.dumps(manifest))
     before = {name: (folder / name).read_bytes() for name in files_below(folder)}
     with pytest.raises(ArtifactError, match="outside the folder"):
-        one_bucket.save_pretrained(folder)  # would remove the names it lists and lacks
+        without_verify.save_pretrained(folder)  # would remove the names it lists and lacks
     assert {name: (folder / name).read_bytes() for name in files_below(folder)} == before
     assert all(path.read_text() == text for path, text in victims.items())
 
@@ -144,18 +144,18 @@ def test_a_manifest_naming_files_outside_the_folder_is_refused(models, tmp_path)
 def test_a_save_interrupted_before_its_first_move_owns_nothing(models, tmp_path):
     """Killed while staging, a save leaves its new manifest in its staging folder, but none
     of its files in the folder: a file of a name it lists, made later, is the user's."""
-    two_buckets, one_bucket = models
-    source = two_buckets.save_pretrained(tmp_path / "source")
-    folder = one_bucket.save_pretrained(tmp_path / "out")
+    with_verify, without_verify = models
+    source = with_verify.save_pretrained(tmp_path / "source")
+    folder = without_verify.save_pretrained(tmp_path / "out")
     staging = folder / ".optimum-gemma3-save-interrupted"
     staging.mkdir()
     (staging / "neuron_config.json").write_bytes((source / "neuron_config.json").read_bytes())
-    mine = folder / "compiled/prefill_32.pt2"
+    mine = folder / "compiled/verify.pt2"
     mine.write_text("the user's, though the staging manifest lists the name")
-    one_bucket.save_pretrained(folder)  # the name is not its: kept
+    without_verify.save_pretrained(folder)  # the name is not its: kept
     assert mine.read_text().startswith("the user's")
-    with pytest.raises(ArtifactError, match="compiled/prefill_32.pt2"):
-        two_buckets.save_pretrained(folder)  # would overwrite it: refused
+    with pytest.raises(ArtifactError, match="compiled/verify.pt2"):
+        with_verify.save_pretrained(folder)  # would overwrite it: refused
     assert mine.read_text().startswith("the user's")
 
 
@@ -204,9 +204,9 @@ model.save_pretrained(sys.argv[4])
     ids=["while staging", "first move", "mid-way", "before the manifest"],
 )
 def test_a_killed_save_leaves_the_old_model_or_a_refused_folder(models, tmp_path, stage, after):
-    two_buckets, one_bucket = models
-    source = two_buckets.save_pretrained(tmp_path / "source")
-    folder = one_bucket.save_pretrained(tmp_path / "out")
+    with_verify, without_verify = models
+    source = with_verify.save_pretrained(tmp_path / "source")
+    folder = without_verify.save_pretrained(tmp_path / "out")
     files = user_files(folder)
     if stage == "move" and after == 100:  # the old manifest's and every file's but the new one's
         after = len(files_below(source))
@@ -226,7 +226,7 @@ def test_a_killed_save_leaves_the_old_model_or_a_refused_folder(models, tmp_path
         assert "unfinished save" in str(error) and stage == "move"
     else:
         assert stage == "copy"  # killed before anything in the folder changed
-        assert loaded.neuron_config.context_encoding_buckets == [16]
+        assert loaded.neuron_config.speculation_length == 0
     if stage == "move":  # a second interrupted save still knows what the first wrote
         subprocess.run(
             [sys.executable, "-c", KILLED_SAVE, "copy", "1", str(source), str(folder)],
@@ -235,8 +235,8 @@ def test_a_killed_save_leaves_the_old_model_or_a_refused_folder(models, tmp_path
             env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
             capture_output=True,
         )
-    two_buckets.save_pretrained(folder)  # a new save finishes the job
-    assert buckets_of(folder) == [16, 32]
+    with_verify.save_pretrained(folder)  # a new save finishes the job
+    assert speculation_of(folder) == 1
     assert not [p for p in folder.iterdir() if p.name.startswith(".optimum-gemma3-save")]
     assert_kept(folder, files)
     Gemma3NeuronModelForCausalLM.from_pretrained(folder)

@@ -2,7 +2,8 @@
 
 config.json              the checkpoint's HF config (multimodal configs kept whole)
 neuron_config.json       export config, versions and a checksum of every program
-compiled/prefill_<N>.pt2 one program per prefill bucket (suffix set by the backend)
+compiled/prefill_<N>.pt2 one program per prefill bucket (suffix set by the backend), or
+compiled/prefill.pt2     one for every prompt length (`prefill_any_length`)
 compiled/decode.pt2      the one-token program
 compiled/verify.pt2      with speculation_length k: k + 1 tokens per row (drafts checked)
 compiled/vision.pt2      image-text-to-text only: one image's pixels to its features
@@ -73,8 +74,9 @@ def weights_name(rank: int, tp_degree: int) -> str:
     return WEIGHTS_NAME if tp_degree == 1 else f"{RANK_WEIGHTS_DIR}/tp_rank_{rank}.safetensors"
 
 
-def prefill_program_name(bucket: int, suffix: str) -> str:
-    return f"{PROGRAMS_DIR}/prefill_{bucket}{suffix}"
+def prefill_program_name(bucket: int | None, suffix: str) -> str:
+    """The prefill program of one bucket, or (None) the one that serves every length."""
+    return f"{PROGRAMS_DIR}/prefill{'' if bucket is None else f'_{bucket}'}{suffix}"
 
 
 def decode_program_name(suffix: str) -> str:

@@ -115,6 +115,14 @@ class Gemma3NeuronConfig(NxDNeuronConfig):
         return self.max_num_images is not None
 
     @property
+    def prefill_any_length(self) -> bool:
+        """Whether one prefill program serves every prompt length up to the largest bucket
+        (each padded to a whole number of `SDPA_QUERY_BLOCK` tokens) instead of
+        one program per bucket: the graphs of an `sdpa_prefill` ops profile (the `cpu`
+        target's), see `graphs.layers.sdpa_prefill_attention`."""
+        return self.ops_profile is not None and self.ops_profile.sdpa_prefill
+
+    @property
     def dtype_name(self) -> str:
         return dtype_name(self.torch_dtype)
 

@@ -39,8 +39,15 @@ class CompilerBackend(ABC):
         return True
 
     @abstractmethod
-    def compile(self, program: torch.nn.Module, example_inputs: tuple, path: Path) -> None:
-        """Compile `program` for exactly the shapes of `example_inputs` and write it to `path`."""
+    def compile(
+        self,
+        program: torch.nn.Module,
+        example_inputs: tuple,
+        path: Path,
+        dynamic_shapes: tuple | None = None,
+    ) -> None:
+        """Compile `program` for the shapes of `example_inputs` and write it to `path`; the
+        dims `dynamic_shapes` (`torch.export`'s form) names take any size in their range."""
 
     @abstractmethod
     def load(self, path: Path) -> Program:

@@ -38,7 +38,7 @@ from ..artifact.files import (
 from ..artifact.neuron_config import Gemma3NeuronConfig
 from ..graphs import Gemma3Decoder, text_config
 from ..graphs.config import ImageTokens
-from ..graphs.layers import SKINNY_MAX_ROWS
+from ..graphs.layers import SDPA_QUERY_BLOCK, SKINNY_MAX_ROWS
 from ..graphs.ops import OpsProfile
 from ..graphs.parallel import tracing_process_group
 from ..graphs.program import (
@@ -49,6 +49,7 @@ from ..graphs.program import (
     GraphProgram,
     VisionProgram,
     example_inputs,
+    prefill_dynamic_shapes,
     vision_example_inputs,
 )
 from ..graphs.vision import Gemma3VisionEncoder
@@ -165,10 +166,11 @@ def _compile_programs(config, neuron_config, backend, versions, folder: Path) ->
         image_tokens,
     )
     suffix = backend.program_suffix
-    jobs = [
-        (PREFILL, b, prefill_program_name(b, suffix))
-        for b in neuron_config.context_encoding_buckets
-    ]
+    buckets = neuron_config.context_encoding_buckets
+    if neuron_config.prefill_any_length:  # `length`: the longest prompt it takes
+        jobs = [(PREFILL, buckets[-1], prefill_program_name(None, suffix))]
+    else:
+        jobs = [(PREFILL, b, prefill_program_name(b, suffix)) for b in buckets]
     jobs.append((DECODE, 1, decode_program_name(suffix)))
     if neuron_config.speculation_length:
         jobs.append((VERIFY, neuron_config.speculation_length + 1, verify_program_name(suffix)))
@@ -203,17 +205,31 @@ def _compile_programs(config, neuron_config, backend, versions, folder: Path) ->
                 program, inputs = VisionProgram(encoder), vision_example_inputs(encoder)
             else:
                 program = GraphProgram(decoder, kind, with_head=not neuron_config.head_on_host)
-                inputs = example_inputs(decoder, kind, length)
+                inputs, dynamic = _graph_inputs(decoder, kind, length, neuron_config)
             key = program_key(text.to_dict(), graph, versions)
             hit = compile_cached(
                 key,
                 backend.program_suffix,
                 folder / name,
-                lambda path, p=program, i=inputs: backend.compile(p, i, path),
+                lambda path, p=program, i=inputs, d=dynamic: backend.compile(p, i, path, d),
             )
             logger.info("%s: %s", name, "from compile cache" if hit else "compiled")
             checksums[name] = sha256_file(folder / name)
     return checksums
+
+
+def _graph_inputs(decoder, kind: str, length: int, neuron_config) -> tuple:
+    """A decoder program's example inputs and `dynamic_shapes`: static shapes, except the
+    prefill that serves every prompt length (`prefill_any_length`) up to `length`."""
+    if kind != PREFILL or not neuron_config.prefill_any_length:
+        return example_inputs(decoder, kind, length), None
+    # An example of two blocks where the range has them: a one-block example would let
+    # tracing treat the block count as the constant 1.
+    block = SDPA_QUERY_BLOCK
+    example = example_inputs(decoder, kind, block * min(2, -(-length // block)))
+    if length <= block:
+        return example, None
+    return example, prefill_dynamic_shapes(example, length)
 
 
 def _write_weights(checkpoint: Path, text, neuron_config, folder: Path) -> None:

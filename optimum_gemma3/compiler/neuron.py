@@ -58,7 +58,15 @@ class NeuronBackend(CompilerBackend):
             "torch_neuronx_version": importlib.metadata.version("torch-neuronx"),
         }
 
-    def compile(self, program: torch.nn.Module, example_inputs: tuple, path: Path) -> None:
+    def compile(
+        self,
+        program: torch.nn.Module,
+        example_inputs: tuple,
+        path: Path,
+        dynamic_shapes: tuple | None = None,
+    ) -> None:
+        if dynamic_shapes is not None:  # Neuron graphs use the plain profile: one per bucket
+            raise ValueError("The neuron backend compiles static shapes only.")
         # Weights stay out of the NEFF (inline_weights_to_neff=False): they are program
         # inputs here anyway, so one compiled artifact serves every fine-tune.
         traced = self._torch_neuronx.trace(

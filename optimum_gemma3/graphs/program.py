@@ -14,6 +14,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .decoder import DecodeGraph, Gemma3Decoder, PrefillGraph, VerifyGraph
+from .layers import SDPA_QUERY_BLOCK
 from .vision import Gemma3VisionEncoder
 
 PREFILL = "prefill"
@@ -45,7 +46,8 @@ class GraphProgram(nn.Module):
         caches: dict[str, torch.Tensor],
         *inputs: torch.Tensor,
     ) -> torch.Tensor:
-        """Prefill: `(input_ids [1, S], attention_mask [1, S], slot [1])`, then with images
+        """Prefill: `(input_ids [1, S], attention_mask [1, S], slot [1])` (S any whole
+        number of blocks with an `sdpa_prefill` profile), then with images
         `(image_embeds [1, S, hidden], token_type_ids [1, S])`; decode:
         `(input_ids [B, 1], positions [B])`; verify: `(input_ids [B, T], positions [B, T])`."""
         state = {f"decoder.{name}": tensor for name, tensor in {**weights, **caches}.items()}
@@ -111,6 +113,18 @@ def example_inputs(decoder: Gemma3Decoder, kind: str, length: int | None = None)
         ids = torch.zeros(decoder.batch_size, 1, dtype=torch.long)
         extra = (torch.zeros(decoder.batch_size, dtype=torch.long),)
     return weight_tensors(decoder), cache_tensors(decoder), ids, *extra
+
+
+def prefill_dynamic_shapes(example: tuple, max_length: int) -> tuple:
+    """`torch.export`'s `dynamic_shapes` for the `example` inputs (`example_inputs`) of a
+    prefill program of an `sdpa_prefill` decoder: it serves every multiple of
+    `SDPA_QUERY_BLOCK` tokens that holds up to `max_length`."""
+    weights, caches, _ids, _mask, _slot, *image = example
+    blocks = torch.export.Dim("prompt_blocks", min=1, max=-(-max_length // SDPA_QUERY_BLOCK))
+    length = SDPA_QUERY_BLOCK * blocks
+    per_token = ({1: length},) * (2 + len(image))
+    ids, mask, *image = per_token
+    return (dict.fromkeys(weights), dict.fromkeys(caches), (ids, mask, None, *image))
 
 
 def vision_example_inputs(encoder: Gemma3VisionEncoder) -> tuple:

@@ -10,7 +10,8 @@ model source for the programs.
 Each rank engine owns its weights and one set of KV caches shared by all its programs;
 callers pass user-sized batches and, for continuous batching, the cache rows (slots)
 they own: each prompt is prefilled alone into its slot, in the smallest bucket that holds
-it, and decode runs the compiled batch with the other slots idle. An image-text-to-text
+it (or, where one program serves every length, padded to a whole number of its blocks),
+and decode runs the compiled batch with the other slots idle. An image-text-to-text
 artifact adds its vision program (`VisionEngine`), and its prefill takes each prompt's
 image features and token types.
 """
@@ -30,6 +31,7 @@ from ..compiler import backend_for_target
 from ..graphs import text_config
 from ..graphs.config import ImageTokens
 from ..graphs.decoder import head_weight_name
+from ..graphs.layers import SDPA_QUERY_BLOCK
 from .head import HostHead
 from .logits import NextTokenLogits
 from .loop import left_align
@@ -89,7 +91,7 @@ class Gemma3Runtime:
         the warm-up's dummy tokens.
         """
         with torch.inference_mode():
-            ids = torch.full((1, self.buckets[0]), self.pad_token_id)
+            ids = torch.full((1, self.prefill_width(self.buckets[0])), self.pad_token_id)
             image_inputs = self._image_inputs(ids, None, None)
             hidden = self.engine.prefill(
                 ids, torch.ones_like(ids), torch.tensor([0]), *image_inputs
@@ -128,6 +130,15 @@ class Gemma3Runtime:
             f"({self.buckets[-1]} tokens) of this compiled model: shorten it or re-export with "
             "larger context_encoding_buckets / max_context_length / sequence_length."
         )
+
+    def prefill_width(self, prompt_length: int) -> int:
+        """How many tokens wide the prefill of a `prompt_length`-token prompt runs: its
+        bucket, or with one program for every length (`prefill_any_length`) the prompt
+        padded to a whole number of `SDPA_QUERY_BLOCK`s."""
+        bucket = self.bucket_for(prompt_length)  # refuses a prompt past the largest
+        if not self.neuron_config.prefill_any_length:
+            return bucket
+        return -(-prompt_length // SDPA_QUERY_BLOCK) * SDPA_QUERY_BLOCK
 
     def _slots(self, rows: int, slots: Sequence[int] | None) -> torch.Tensor:
         """The cache rows of `rows` inputs: `slots` checked, or 0..rows-1."""
@@ -193,8 +204,8 @@ class Gemma3Runtime:
         """Logits `[rows, V]` of each prompt's last token, computed as far as they are read;
         fills cache rows `slots` (default 0..rows-1) and no other.
 
-        Each prompt runs alone, in the smallest bucket that holds it, into its own cache
-        row: its numbers are the same whichever prompts share the batch, and a request can
+        Each prompt runs alone (`prefill_width` tokens wide) into its own cache row: its
+        numbers are the same whichever prompts share the batch, and a request can
         join a batch being decoded. With images (an image-text-to-text artifact),
         `image_embeds` `[rows, S, hidden]` holds the image features at the image-token
         positions and `token_type_ids` `[rows, S]` marks the image blocks.
@@ -204,11 +215,12 @@ class Gemma3Runtime:
         outputs = []
         for row, (ids, mask, slot) in enumerate(zip(input_ids, attention_mask, slots, strict=True)):
             length = int(mask.sum())
+            width = self.prefill_width(length)
             ids, mask, *extras = left_align(
                 ids[None],
                 mask[None],
                 self.pad_token_id,
-                self.bucket_for(length),
+                width,
                 *(values[row : row + 1] for values in image_inputs),
             )
             outputs.append(self.engine.prefill(ids, mask, slot[None], *extras))

@@ -25,7 +25,7 @@ from ..weights import check_tensors, rank_state_dicts, resolve_checkpoint
 
 
 class RankEngine:
-    """One rank's programs, weights and KV caches: runs already padded, bucket-sized inputs.
+    """One rank's programs, weights and KV caches: runs already padded, program-sized inputs.
 
     With one rank this is the whole model; with `tp_degree > 1` each rank process of a
     `RankPool` holds one, and the programs' collectives connect them.
@@ -45,8 +45,11 @@ class RankEngine:
             return backend.load(verify_file(folder, name, nc.artifact_files.get(name)))
 
         suffix = backend.program_suffix
-        buckets = nc.context_encoding_buckets
-        self.prefill_programs = {b: program(prefill_program_name(b, suffix)) for b in buckets}
+        if nc.prefill_any_length:
+            self.prefill_programs = {None: program(prefill_program_name(None, suffix))}
+        else:
+            buckets = nc.context_encoding_buckets
+            self.prefill_programs = {b: program(prefill_program_name(b, suffix)) for b in buckets}
         self.decode_program = program(decode_program_name(suffix))
         self.verify_program = None
         if nc.speculation_length:
@@ -60,9 +63,11 @@ class RankEngine:
     def prefill(
         self, ids: torch.Tensor, mask: torch.Tensor, slot: torch.Tensor, *image_inputs
     ) -> torch.Tensor:
-        """One prompt `[1, bucket]` into cache row `slot` `[1]`, with its image features and
-        token types where the artifact takes images."""
-        program = self.prefill_programs[ids.shape[1]]
+        """One prompt `[1, bucket]` (or right-padded, with one program for every length)
+        into cache row `slot` `[1]`, with its image features and token types where the
+        artifact takes images."""
+        programs = self.prefill_programs
+        program = programs[None] if None in programs else programs[ids.shape[1]]
         return program(self.weights, self.caches, ids, mask, slot, *image_inputs)
 
     def decode(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
