@@ -7,8 +7,8 @@
 folders), so every program is traced and compiled; the C++ kernels are built (or found)
 before the clock starts, as they are once per torch version and host. Prints the export's
 wall time, the programs it made and their sizes, then reloads the folder and times one
-prefill per prompt length and a few decode steps, so a faster export is seen next to
-what it runs like.
+prefill per prompt length (checking its next-token logits against transformers') and a
+few decode steps, so a faster export is seen next to what it runs like.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ def main() -> None:
     os.environ["OPTIMUM_GEMMA3_CACHE_DIR"] = str(scratch / "compile-cache")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(scratch / "inductor")
     import torch
+    from transformers import AutoModelForCausalLM
 
     from optimum_gemma3 import Gemma3NeuronModelForCausalLM
     from optimum_gemma3.graphs import kernels
@@ -69,6 +70,7 @@ def main() -> None:
         print(f"  {path.name}: {path.stat().st_size / 2**20:.1f} MiB")
     del model
     model = Gemma3NeuronModelForCausalLM.from_pretrained(folder)
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint, torch_dtype=nc.torch_dtype)
     for length in args.prompt_lengths:
         if length > nc.context_encoding_buckets[-1]:
             continue
@@ -76,9 +78,22 @@ def main() -> None:
         times = []
         for _ in range(3):
             begin = time.perf_counter()
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1)
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=1,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
             times.append(time.perf_counter() - begin)
-        print(f"  prefill {length} tokens: {min(times) * 1000:.0f} ms (best of 3)")
+        with torch.inference_mode():
+            expected = reference(ids).logits[:, -1].float()
+        error = (out.logits[0] - expected).abs().max().item()
+        same = bool(out.logits[0].argmax(-1) == expected.argmax(-1))
+        print(
+            f"  prefill {length} tokens: {min(times) * 1000:.0f} ms (best of 3); logits vs "
+            f"transformers: max |diff| {error:.2e}, same next token: {same}"
+        )
     ids = torch.randint(3, 1000, (1, 32))
     begin = time.perf_counter()
     model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=65, min_new_tokens=65)

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from optimum_gemma3.graphs import DecodeGraph, PrefillGraph
+from optimum_gemma3 import Gemma3NeuronModelForCausalLM
+from optimum_gemma3.compiler import export
+from optimum_gemma3.graphs import DecodeGraph, PrefillGraph, layers, program
+from optimum_gemma3.runtime import engine
 from optimum_gemma3.runtime.loop import greedy_generate
-from tests.test_parity import build_decoder, left_padded_batch
+from tests.test_parity import build_decoder, hf_greedy, left_padded_batch
+from tests.tiny_models import load_reference
 
 
 def export_graphs(decoder, prompt_length: int):
@@ -74,3 +78,28 @@ def test_bf16_graphs_export(tiny_checkpoints):
     prefill, decode = export_graphs(decoder, prompt_length=16)
     logits_spec = prefill.graph_signature.output_specs[-1]
     assert logits_spec.kind.name == "USER_OUTPUT"
+
+
+def test_one_prefill_program_serves_every_prompt_length(tiny_checkpoints, monkeypatch):
+    """The `cpu` export's one prefill program (dynamic length), in blocks of 4 queries
+    against an 8-token window: prompts inside its first blocks, at its edge and past it
+    give transformers' greedy tokens."""
+    for module in (layers, program, export, engine):  # every reader of the block size
+        monkeypatch.setattr(module, "SDPA_QUERY_BLOCK", 4)
+    monkeypatch.setenv("OPTIMUM_GEMMA3_DISABLE_COMPILE_CACHE", "1")  # not a real shape's key
+    monkeypatch.setattr(export.os, "cpu_count", lambda: 1)  # compile here, patched
+    folder = tiny_checkpoints("270m")
+    reference = load_reference(folder)
+    config = Gemma3NeuronModelForCausalLM.get_neuron_config(
+        folder, instance_type="cpu", batch_size=1, sequence_length=64, max_context_length=24
+    )
+    model = Gemma3NeuronModelForCausalLM.export(folder, config)
+    assert [name for name in model.neuron_config.artifact_files if "prefill" in name] == [
+        "compiled/prefill.pt2"
+    ]
+    generator = torch.Generator().manual_seed(8)
+    for length in (1, 3, 4, 8, 9, 13, 24):
+        ids = torch.randint(3, 512, (1, length), generator=generator)
+        mask = torch.ones_like(ids)
+        ours = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+        assert torch.equal(ours, hf_greedy(reference, ids, mask, 12)), length

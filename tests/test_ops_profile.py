@@ -66,7 +66,7 @@ def export_key(tiny_checkpoints, monkeypatch):
     def stop(key, *args):
         raise StopAtFirstCompile(key)
 
-    monkeypatch.setattr(export, "compile_cached", stop)
+    monkeypatch.setattr(export, "fetch_cached", stop)
     source = tiny_checkpoints("270m")
 
     def key() -> str:

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 from .. import compiler, graphs
@@ -101,24 +100,24 @@ def program_key(text_config: dict, graph: dict, versions: dict) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def compile_cached(
-    key: str, suffix: str, destination: Path, compile_to: Callable[[Path], None]
-) -> bool:
-    """Put the program `key` at `destination`, compiling it only on a cache miss.
+def fetch_cached(key: str, suffix: str, destination: Path) -> bool:
+    """Copy the program `key` to `destination` if the compile cache holds it (True)."""
+    root = cache_dir()
+    entry = None if root is None else root / f"{key}{suffix}"
+    if entry is None or not entry.is_file():
+        return False
+    logger.info("compile cache hit: %s", entry.name)
+    shutil.copyfile(entry, destination)
+    return True
 
-    Returns True on a cache hit. Entries are written atomically (temporary file, then
-    rename), so an interrupted compile never leaves a truncated entry.
+
+def store_cached(key: str, suffix: str, compiled: Path) -> None:
+    """Keep the just compiled program `key` (at `compiled`) in the compile cache.
+
+    Entries are written atomically (temporary file, then rename), so an interrupted
+    compile never leaves a truncated entry.
     """
     root = cache_dir()
-    if root is None:
-        compile_to(destination)
-        return False
-    entry = root / f"{key}{suffix}"
-    if entry.is_file():
-        logger.info("compile cache hit: %s", entry.name)
-        shutil.copyfile(entry, destination)
-        return True
-    compile_to(destination)
-    with replaced_atomically(entry) as tmp:
-        shutil.copyfile(destination, tmp)
-    return False
+    if root is not None:
+        with replaced_atomically(root / f"{key}{suffix}") as tmp:
+            shutil.copyfile(compiled, tmp)

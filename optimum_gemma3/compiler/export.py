@@ -2,9 +2,9 @@
 
 The one entry point is `export_to_folder`: resolve the checkpoint (local folder or Hub id),
 validate the export config against the model config, choose the ops profile the graphs
-are traced with (`ops_profile_for`), compile one program per prefill bucket plus the
-decode program (through the compile cache), write the weights in the
-export dtype, copy the tokenizer and generation config, and write `neuron_config.json`
+are traced with (`ops_profile_for`), compile the prefill program(s) and the decode
+program (through the compile cache, side by side on the CPU's cores), write the weights
+in the export dtype, copy the tokenizer and generation config, and write `neuron_config.json`
 last, listing every file written. An `image-text-to-text` export (`max_num_images` set)
 also compiles the vision program, writes the vision weights and copies the processor.
 The caller decides where the folder goes; it is written as every save is
@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
+import os
 import shutil
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -36,7 +40,7 @@ from ..artifact.files import (
     weights_name,
 )
 from ..artifact.neuron_config import Gemma3NeuronConfig
-from ..graphs import Gemma3Decoder, text_config
+from ..graphs import Gemma3Decoder, kernels, text_config
 from ..graphs.config import ImageTokens
 from ..graphs.layers import SDPA_QUERY_BLOCK, SKINNY_MAX_ROWS
 from ..graphs.ops import OpsProfile
@@ -55,7 +59,7 @@ from ..graphs.program import (
 from ..graphs.vision import Gemma3VisionEncoder
 from ..weights import rank_state_dicts, resolve_checkpoint, vision_state_dict
 from . import CPU_TARGETS, backend_for_target
-from .cache import compile_cached, program_key
+from .cache import fetch_cached, program_key, store_cached
 
 logger = logging.getLogger(__name__)
 
@@ -151,71 +155,131 @@ def check_speculation_export(neuron_config) -> None:
         )
 
 
-def _compile_programs(config, neuron_config, backend, versions, folder: Path) -> dict[str, str]:
-    """Compile (or fetch from the compile cache) every program; return their checksums."""
-    tp_degree = neuron_config.tp_degree
-    text = text_config(config)
-    image_tokens = ImageTokens.of(config) if neuron_config.has_images else None
-    decoder = Gemma3Decoder.skeleton(
-        text,
-        neuron_config.batch_size,
-        neuron_config.sequence_length,
-        neuron_config.torch_dtype,
-        tp_degree,
-        neuron_config.ops_profile,
-        image_tokens,
-    )
-    suffix = backend.program_suffix
+@dataclass(frozen=True)
+class ProgramJob:
+    """One program of an export: its graph kind, length (prefill: the longest prompt it
+    takes; verify: tokens per row) and file name in the folder."""
+
+    kind: str
+    length: int
+    name: str
+
+
+def _program_jobs(neuron_config, suffix: str) -> list[ProgramJob]:
     buckets = neuron_config.context_encoding_buckets
-    if neuron_config.prefill_any_length:  # `length`: the longest prompt it takes
-        jobs = [(PREFILL, buckets[-1], prefill_program_name(None, suffix))]
+    if neuron_config.prefill_any_length:
+        jobs = [ProgramJob(PREFILL, buckets[-1], prefill_program_name(None, suffix))]
     else:
-        jobs = [(PREFILL, b, prefill_program_name(b, suffix)) for b in buckets]
-    jobs.append((DECODE, 1, decode_program_name(suffix)))
+        jobs = [ProgramJob(PREFILL, b, prefill_program_name(b, suffix)) for b in buckets]
+    jobs.append(ProgramJob(DECODE, 1, decode_program_name(suffix)))
     if neuron_config.speculation_length:
-        jobs.append((VERIFY, neuron_config.speculation_length + 1, verify_program_name(suffix)))
-    if image_tokens is not None:
-        jobs.append((VISION, 1, vision_program_name(suffix)))
-    (folder / jobs[0][2]).parent.mkdir(parents=True, exist_ok=True)
-    checksums = {}
+        k = neuron_config.speculation_length
+        jobs.append(ProgramJob(VERIFY, k + 1, verify_program_name(suffix)))
+    if neuron_config.has_images:
+        jobs.append(ProgramJob(VISION, 1, vision_program_name(suffix)))
+    return jobs
+
+
+def _graph_description(job: ProgramJob, config, neuron_config) -> dict:
+    """What decides a program beside the text config and versions: its compile-cache key."""
+    image_tokens = ImageTokens.of(config) if neuron_config.has_images else None
     shape = {
-        "batch_size": neuron_config.batch_size,
-        "sequence_length": neuron_config.sequence_length,
         "dtype": neuron_config.dtype_name,
-        "tp_degree": neuron_config.tp_degree,
         "target": neuron_config.target,
-        "head_on_host": neuron_config.head_on_host,
         "ops_profile": neuron_config.ops_profile.to_dict(),
         "image_tokens": None
         if image_tokens is None
         else [image_tokens.token_id, image_tokens.per_image],
     }
-    # One program serves every rank; tracing a sharded graph needs a process group.
-    group = tracing_process_group() if tp_degree > 1 else contextlib.nullcontext()
-    with group:
-        for kind, length, name in tqdm(jobs, desc="compile", unit="graph"):
-            graph = {"kind": kind, "length": length, **shape}
-            if kind == VISION:  # one image: the batch, cache and rank shapes do not apply
-                encoder = Gemma3VisionEncoder.skeleton(
-                    config, neuron_config.torch_dtype, neuron_config.ops_profile
-                )
-                kept = ("dtype", "target", "ops_profile", "image_tokens")
-                graph = {"kind": kind, "vision_config": config.vision_config.to_dict()}
-                graph.update({name: shape[name] for name in kept})
-                program, inputs = VisionProgram(encoder), vision_example_inputs(encoder)
+    if job.kind == VISION:  # one image: the batch, cache and rank shapes do not apply
+        return {"kind": job.kind, "vision_config": config.vision_config.to_dict(), **shape}
+    return {
+        "kind": job.kind,
+        "length": job.length,
+        "batch_size": neuron_config.batch_size,
+        "sequence_length": neuron_config.sequence_length,
+        "tp_degree": neuron_config.tp_degree,
+        "head_on_host": neuron_config.head_on_host,
+        **shape,
+    }
+
+
+def _compile_programs(config, neuron_config, backend, versions, folder: Path) -> dict[str, str]:
+    """Fetch every program from the compile cache or compile it; return their checksums.
+
+    Programs missing from the cache compile side by side, one process per CPU core: each
+    compile is mostly one core's work (Inductor's Python, then g++).
+    """
+    suffix = backend.program_suffix
+    jobs = _program_jobs(neuron_config, suffix)
+    (folder / jobs[0].name).parent.mkdir(parents=True, exist_ok=True)
+    text = text_config(config).to_dict()
+    keys = {
+        job: program_key(text, _graph_description(job, config, neuron_config), versions)
+        for job in jobs
+    }
+    with tqdm(total=len(jobs), desc="compile", unit="graph") as bar:
+        missing = []
+        for job in jobs:
+            if fetch_cached(keys[job], suffix, folder / job.name):
+                logger.info("%s: from compile cache", job.name)
+                bar.update()
             else:
-                program = GraphProgram(decoder, kind, with_head=not neuron_config.head_on_host)
-                inputs, dynamic = _graph_inputs(decoder, kind, length, neuron_config)
-            key = program_key(text.to_dict(), graph, versions)
-            hit = compile_cached(
-                key,
-                backend.program_suffix,
-                folder / name,
-                lambda path, p=program, i=inputs, d=dynamic: backend.compile(p, i, path, d),
-            )
-            logger.info("%s: %s", name, "from compile cache" if hit else "compiled")
-            checksums[name] = sha256_file(folder / name)
-    return checksums
+                missing.append(job)
+        for job in _compile_side_by_side(missing, config, neuron_config, folder):
+            store_cached(keys[job], suffix, folder / job.name)
+            logger.info("%s: compiled", job.name)
+            bar.update()
+    return {job.name: sha256_file(folder / job.name) for job in jobs}
+
+
+def _compile_side_by_side(jobs: list[ProgramJob], config, neuron_config, folder: Path):
+    """Compile `jobs` into `folder`, yielding each as it is done: the first in this process,
+    the others meanwhile in worker processes (as many as the other CPU cores)."""
+    workers = min(len(jobs), os.cpu_count() or 1) - 1
+    if workers <= 0:
+        for job in jobs:
+            compile_program(job, config, neuron_config, folder)
+            yield job
+        return
+    context = multiprocessing.get_context("spawn")  # no inherited torch or thread state
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        pending = {
+            pool.submit(compile_program, job, config, neuron_config, folder): job
+            for job in jobs[1:]
+        }
+        compile_program(jobs[0], config, neuron_config, folder)
+        yield jobs[0]
+        for done in as_completed(pending):
+            done.result()  # a worker's error is the export's
+            yield pending[done]
+
+
+def compile_program(job: ProgramJob, config, neuron_config, folder: Path) -> None:
+    """Trace and compile one program into `folder` (in the exporting process or a worker)."""
+    backend = backend_for_target(neuron_config.target)
+    ops = neuron_config.ops_profile
+    if ops.uses_kernels:
+        kernels.load()  # the graphs call them: a worker process loads them itself
+    if job.kind == VISION:
+        encoder = Gemma3VisionEncoder.skeleton(config, neuron_config.torch_dtype, ops)
+        backend.compile(VisionProgram(encoder), vision_example_inputs(encoder), folder / job.name)
+        return
+    decoder = Gemma3Decoder.skeleton(
+        text_config(config),
+        neuron_config.batch_size,
+        neuron_config.sequence_length,
+        neuron_config.torch_dtype,
+        neuron_config.tp_degree,
+        ops,
+        ImageTokens.of(config) if neuron_config.has_images else None,
+    )
+    program = GraphProgram(decoder, job.kind, with_head=not neuron_config.head_on_host)
+    inputs, dynamic = _graph_inputs(decoder, job.kind, job.length, neuron_config)
+    # One program serves every rank; tracing a sharded graph needs a process group.
+    sharded = neuron_config.tp_degree > 1
+    with tracing_process_group() if sharded else contextlib.nullcontext():
+        backend.compile(program, inputs, folder / job.name, dynamic)
 
 
 def _graph_inputs(decoder, kind: str, length: int, neuron_config) -> tuple:
@@ -223,13 +287,13 @@ def _graph_inputs(decoder, kind: str, length: int, neuron_config) -> tuple:
     prefill that serves every prompt length (`prefill_any_length`) up to `length`."""
     if kind != PREFILL or not neuron_config.prefill_any_length:
         return example_inputs(decoder, kind, length), None
-    # An example of two blocks where the range has them: a one-block example would let
-    # tracing treat the block count as the constant 1.
+    # The example is long enough that both parts of a sliding layer's attention (its
+    # window's first blocks, and blocks past them) are traced non-empty: tracing takes a
+    # part of size 0 or 1 in the example for a constant (see `layers._sliding_sdpa`).
     block = SDPA_QUERY_BLOCK
-    example = example_inputs(decoder, kind, block * min(2, -(-length // block)))
-    if length <= block:
-        return example, None
-    return example, prefill_dynamic_shapes(example, length)
+    example_length = (decoder.config.sliding_window // block + 2) * block
+    example = example_inputs(decoder, kind, example_length)
+    return example, prefill_dynamic_shapes(example, max(length, example_length))
 
 
 def _write_weights(checkpoint: Path, text, neuron_config, folder: Path) -> None:

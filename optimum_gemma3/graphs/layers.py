@@ -267,8 +267,9 @@ def blocked_prefill_attention(
     return torch.cat(blocks, dim=2)
 
 
-# `sdpa_prefill_attention` takes a sliding layer's queries this many at a time.
-SDPA_QUERY_BLOCK = 64
+# `sdpa_prefill_attention` takes a sliding layer's queries this many at a time; programs
+# take prompts padded to a whole number of them.
+SDPA_QUERY_BLOCK = 32
 
 
 def _sdpa(q, k, v, scale: float, mask: torch.Tensor | None = None, causal: bool = False):
@@ -292,19 +293,20 @@ def sdpa_prefill_attention(
     flash kernel on CPU), in a graph whose size does not depend on the prompt's length.
 
     q: `[B, H, S, D]`, or with `last` (`[B]`, each row's last real token) that token's
-    `[B, H, 1, D]`; k, v: `[B, Hkv, S, D]`. Query `i`
-    sees key `j` iff `j <= i` and (sliding) `i - j < window`, or both are tokens of the
-    same image (`groups` `[B, S]`: each token's image number, -1 for text and padding;
-    `reach`: the longest image less one), as `cache.prefill_mask` says.
+    `[B, H, 1, D]`; k, v: `[B, Hkv, S, D]`. Query `i` sees key `j` iff `j <= i` and
+    (sliding) `i - j < window`, or both are tokens of the same image (`groups` `[B, S]`:
+    each token's image number, -1 for text and padding; `reach`: the longest image less
+    one), as `cache.prefill_mask` says.
 
     Why: one prefill program serves every prompt length (compiled once with a dynamic
     length, not once per bucket), so nothing may loop over the length in Python. With the
     padding on the right, no real token sees it (causality), so there is no padding mask:
     full layers of a text prompt attend causally, where the kernel skips the blocks above
-    the diagonal; sliding layers take blocks of `SDPA_QUERY_BLOCK` queries, each over the
-    window of keys it can see (an `unfold` view: no work grows with the square of the
-    length); full layers with images take the `[S, S]` mask. Exact as a masked softmax:
-    masked keys weigh exactly 0. Padding queries compute values nothing reads.
+    the diagonal; sliding layers too up to their window, then in blocks of
+    `SDPA_QUERY_BLOCK` queries, each over the window of keys it can see (no work grows
+    with the square of the length, see `_sliding_sdpa`); full layers with images take
+    the `[S, S]` mask. Exact as a masked softmax: masked keys weigh exactly 0. Padding
+    queries compute values nothing reads.
     """
     length = k.shape[2]
     if last is not None:
@@ -317,47 +319,72 @@ def sdpa_prefill_attention(
             allowed = allowed | ((groups == own) & (own >= 0))
         return _sdpa(q, k, v, scale, allowed[:, None, None])
     if window is None:
-        if groups is None:
-            return _sdpa(q, k, v, scale, causal=True)
-        index = torch.arange(length, device=q.device)
-        same = (groups[:, :, None] == groups[:, None, :]) & (groups[:, :, None] >= 0)
-        return _sdpa(q, k, v, scale, ((index[:, None] >= index[None, :]) | same)[:, None])
+        return _causal_sdpa(q, k, v, scale, groups)
     return _sliding_sdpa(q, k, v, scale, window, groups, reach)
 
 
-def _sliding_sdpa(q, k, v, scale: float, window: int, groups, reach: int) -> torch.Tensor:
-    """`sdpa_prefill_attention` of a sliding layer: blocks of queries over their windows.
+def _causal_sdpa(q, k, v, scale: float, groups=None) -> torch.Tensor:
+    """The prompt's first `q.shape[2]` queries where no window cuts: causal over the same
+    keys (the kernel skipping the blocks above the diagonal), or with images over every
+    key with their mask (an image token also sees its image's later tokens)."""
+    queries = q.shape[2]
+    if groups is None:
+        return _sdpa(q, k[:, :, :queries], v[:, :, :queries], scale, causal=True)
+    query = torch.arange(queries, device=q.device)[:, None]
+    key = torch.arange(k.shape[2], device=q.device)[None]
+    own = groups[:, :queries, None]
+    same = (own == groups[:, None, :]) & (own >= 0)
+    return _sdpa(q, k, v, scale, ((query >= key) | same)[:, None])
 
-    Block `b` holds queries `[b Q, (b + 1) Q)` and keys `[b Q - back, (b + 1) Q + reach)`,
-    zero-padded outside the prompt and masked; `back` is the window less one (or the
-    longest image's reach). Only the number of blocks depends on the prompt's length.
+
+def _sliding_sdpa(q, k, v, scale: float, window: int, groups, reach: int) -> torch.Tensor:
+    """`sdpa_prefill_attention` of a sliding layer.
+
+    The first `early` queries (whole blocks, before the window can cut) attend as in a
+    full layer: causally, where the kernel skips the blocks above the diagonal, so a
+    prompt no longer than the window pays nothing for it. The rest go in blocks of `Q`
+    queries over their windows: block `b` holds queries `[e + b Q, e + (b + 1) Q)` and
+    keys `[e + b Q - back, e + (b + 1) Q + reach)` (`back`: the window less one, or the
+    longest image's reach), zero-padded outside the prompt and masked. Only the sizes of
+    the two parts depend on the prompt's length.
     """
     batch, heads, length, dim = q.shape
-    kv_heads, block = k.shape[1], SDPA_QUERY_BLOCK
+    block = SDPA_QUERY_BLOCK
     tail = -length % block  # 0 in programs, whose prompts are whole blocks
-    blocks = (length + tail) // block
+    q, k, v = (F.pad(t, (0, 0, 0, tail)) for t in (q, k, v))
+    groups = None if groups is None else F.pad(groups, (0, tail), value=-1)
+    early_blocks = window // block
+    early = torch.sym_min(length + tail, early_blocks * block) if early_blocks else 0
+    blocks = (length + tail - early) // block
     back = max(window - 1, reach)
     width = back + block + reach
 
-    def windows(t: torch.Tensor) -> torch.Tensor:
-        t = F.pad(t, (0, 0, back, tail + reach)).unfold(2, width, block)
-        return t.permute(0, 2, 1, 4, 3).reshape(batch * blocks, kv_heads, width, dim)
+    def windows(t: torch.Tensor, pad: int = 0) -> torch.Tensor:
+        """`[B, H, S, D]` -> each block's keys `[B * blocks, H, width, D]`."""
+        index = early + torch.arange(blocks, device=t.device)[:, None] * block
+        index = (index + torch.arange(width, device=t.device)[None]).flatten()
+        t = F.pad(t, (0, 0, back, reach), value=pad).index_select(2, index)
+        t = t.unflatten(2, (blocks, width)).transpose(1, 2)
+        return t.reshape(batch * blocks, t.shape[2], width, t.shape[4])
 
-    queries = F.pad(q, (0, 0, 0, tail)).view(batch, heads, blocks, block, dim).transpose(1, 2)
+    queries = q[:, :, early:].unflatten(2, (blocks, block)).transpose(1, 2)
     queries = queries.reshape(batch * blocks, heads, block, dim)
-    starts = torch.arange(blocks, device=q.device)[:, None, None] * block
+    starts = early + torch.arange(blocks, device=q.device)[:, None, None] * block
     query = starts + torch.arange(block, device=q.device)[None, :, None]
     key = starts - back + torch.arange(width, device=q.device)[None, None, :]
     distance = query - key
     allowed = ((distance >= 0) & (distance < window) & (key >= 0))[None]
     if groups is not None:
-        query_groups = F.pad(groups, (0, tail), value=-1).view(batch, blocks, block, 1)
-        key_groups = F.pad(groups, (back, tail + reach), value=-1).unfold(1, width, block)
-        allowed = allowed | ((query_groups == key_groups[:, :, None]) & (query_groups >= 0))
+        query_groups = groups[:, early:].unflatten(1, (blocks, block))[..., None]
+        key_groups = windows(groups[:, None, :, None], pad=-1).view(batch, blocks, 1, width)
+        allowed = allowed | ((query_groups == key_groups) & (query_groups >= 0))
     mask = allowed.expand(batch, -1, -1, -1).reshape(batch * blocks, 1, block, width)
-    out = _sdpa(queries, windows(k), windows(v), scale, mask)
-    out = out.view(batch, blocks, heads, block, dim).transpose(1, 2)
-    return out.reshape(batch, heads, blocks * block, dim)[:, :, :length]
+    rest = _sdpa(queries, windows(k), windows(v), scale, mask)
+    rest = rest.view(batch, blocks, heads, block, dim).transpose(1, 2)
+    rest = rest.reshape(batch, heads, blocks * block, dim)
+    if early_blocks:
+        rest = torch.cat([_causal_sdpa(q[:, :, :early], k, v, scale, groups), rest], dim=2)
+    return rest[:, :, :length]
 
 
 def gelu_tanh(x: torch.Tensor, ops: OpsProfile) -> torch.Tensor:
