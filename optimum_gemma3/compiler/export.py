@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing
 import os
+import pickle
 import shutil
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +44,7 @@ from ..artifact.files import (
 from ..artifact.neuron_config import Gemma3NeuronConfig
 from ..graphs import Gemma3Decoder, kernels, text_config
 from ..graphs.config import ImageTokens
-from ..graphs.layers import SDPA_QUERY_BLOCK, SKINNY_MAX_ROWS
+from ..graphs.layers import SKINNY_MAX_ROWS
 from ..graphs.ops import OpsProfile
 from ..graphs.parallel import tracing_process_group
 from ..graphs.program import (
@@ -52,8 +54,7 @@ from ..graphs.program import (
     VISION,
     GraphProgram,
     VisionProgram,
-    example_inputs,
-    prefill_dynamic_shapes,
+    traced_inputs,
     vision_example_inputs,
 )
 from ..graphs.vision import Gemma3VisionEncoder
@@ -235,24 +236,48 @@ def _compile_programs(config, neuron_config, backend, versions, folder: Path) ->
 
 def _compile_side_by_side(jobs: list[ProgramJob], config, neuron_config, folder: Path):
     """Compile `jobs` into `folder`, yielding each as it is done: the first in this process,
-    the others meanwhile in worker processes (as many as the other CPU cores)."""
-    workers = min(len(jobs), os.cpu_count() or 1) - 1
-    if workers <= 0:
-        for job in jobs:
+    the others meanwhile in worker processes (one per other CPU core, each compiling its
+    share in turn).
+
+    Workers are fresh interpreters (`python -m optimum_gemma3.compiler.worker`), not
+    `multiprocessing` ones: its spawn re-runs the caller's main script, and scripts call
+    `export` without an `if __name__ == "__main__"` guard.
+    """
+    workers = max(0, min(len(jobs), os.cpu_count() or 1) - 1)
+    shares = [jobs[1 + w :: workers] for w in range(workers)]
+    started = [_start_worker(share, config, neuron_config, folder) for share in shares]
+    try:
+        for job in jobs[:1] if workers else jobs:
             compile_program(job, config, neuron_config, folder)
             yield job
-        return
-    context = multiprocessing.get_context("spawn")  # no inherited torch or thread state
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        pending = {
-            pool.submit(compile_program, job, config, neuron_config, folder): job
-            for job in jobs[1:]
-        }
-        compile_program(jobs[0], config, neuron_config, folder)
-        yield jobs[0]
-        for done in as_completed(pending):
-            done.result()  # a worker's error is the export's
-            yield pending[done]
+        for share, (process, log) in zip(shares, started, strict=True):
+            if process.wait() != 0:
+                log.seek(0)
+                names = ", ".join(job.name for job in share)
+                raise RuntimeError(
+                    f"Compiling {names} failed in a worker process:\n{log.read()[-4000:]}"
+                )
+            yield from share
+    finally:
+        for process, log in started:
+            process.kill()
+            process.wait()
+            log.close()
+
+
+def _start_worker(jobs: list[ProgramJob], config, neuron_config, folder: Path):
+    """A worker process compiling `jobs` (given by pickle on its stdin), and its log file."""
+    log = tempfile.TemporaryFile("w+")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "optimum_gemma3.compiler.worker"],
+        stdin=subprocess.PIPE,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=False,
+    )
+    process.stdin.write(pickle.dumps((jobs, config, neuron_config, folder)))
+    process.stdin.close()
+    return process, log
 
 
 def compile_program(job: ProgramJob, config, neuron_config, folder: Path) -> None:
@@ -275,25 +300,11 @@ def compile_program(job: ProgramJob, config, neuron_config, folder: Path) -> Non
         ImageTokens.of(config) if neuron_config.has_images else None,
     )
     program = GraphProgram(decoder, job.kind, with_head=not neuron_config.head_on_host)
-    inputs, dynamic = _graph_inputs(decoder, job.kind, job.length, neuron_config)
+    inputs, dynamic = traced_inputs(decoder, job.kind, job.length)
     # One program serves every rank; tracing a sharded graph needs a process group.
     sharded = neuron_config.tp_degree > 1
     with tracing_process_group() if sharded else contextlib.nullcontext():
         backend.compile(program, inputs, folder / job.name, dynamic)
-
-
-def _graph_inputs(decoder, kind: str, length: int, neuron_config) -> tuple:
-    """A decoder program's example inputs and `dynamic_shapes`: static shapes, except the
-    prefill that serves every prompt length (`prefill_any_length`) up to `length`."""
-    if kind != PREFILL or not neuron_config.prefill_any_length:
-        return example_inputs(decoder, kind, length), None
-    # The example is long enough that both parts of a sliding layer's attention (its
-    # window's first blocks, and blocks past them) are traced non-empty: tracing takes a
-    # part of size 0 or 1 in the example for a constant (see `layers._sliding_sdpa`).
-    block = SDPA_QUERY_BLOCK
-    example_length = (decoder.config.sliding_window // block + 2) * block
-    example = example_inputs(decoder, kind, example_length)
-    return example, prefill_dynamic_shapes(example, max(length, example_length))
 
 
 def _write_weights(checkpoint: Path, text, neuron_config, folder: Path) -> None:
