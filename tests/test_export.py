@@ -84,7 +84,7 @@ def test_one_prefill_program_serves_every_prompt_length(tiny_checkpoints, monkey
     """The `cpu` export's one prefill program (dynamic length), in blocks of 4 queries
     against an 8-token window: prompts inside its first blocks, at its edge and past it
     give transformers' greedy tokens."""
-    for module in (layers, program, export, engine):  # every reader of the block size
+    for module in (layers, program, engine):  # every reader of the block size
         monkeypatch.setattr(module, "SDPA_QUERY_BLOCK", 4)
     monkeypatch.setenv("OPTIMUM_GEMMA3_DISABLE_COMPILE_CACHE", "1")  # not a real shape's key
     monkeypatch.setattr(export.os, "cpu_count", lambda: 1)  # compile here, patched

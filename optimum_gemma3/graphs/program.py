@@ -115,16 +115,29 @@ def example_inputs(decoder: Gemma3Decoder, kind: str, length: int | None = None)
     return weight_tensors(decoder), cache_tensors(decoder), ids, *extra
 
 
-def prefill_dynamic_shapes(example: tuple, max_length: int) -> tuple:
-    """`torch.export`'s `dynamic_shapes` for the `example` inputs (`example_inputs`) of a
-    prefill program of an `sdpa_prefill` decoder: it serves every multiple of
-    `SDPA_QUERY_BLOCK` tokens that holds up to `max_length`."""
+def traced_inputs(decoder: Gemma3Decoder, kind: str, length: int) -> tuple:
+    """A decoder program's example inputs and `torch.export`'s `dynamic_shapes` for them:
+    static shapes (`length`: the prefill bucket or verify tokens), except the prefill of
+    an `sdpa_prefill` decoder, which serves every whole number of `SDPA_QUERY_BLOCK`
+    tokens up to `length`."""
+    if kind != PREFILL or not decoder.ops.sdpa_prefill:
+        return example_inputs(decoder, kind, length), None
+    # The example is long enough that both parts of a sliding layer's attention (its
+    # window's first blocks, and blocks past them) are traced non-empty: tracing takes a
+    # part of size 0 or 1 in the example for a constant (see `layers._sliding_sdpa`).
+    block = SDPA_QUERY_BLOCK
+    example_length = (decoder.config.sliding_window // block + 2) * block
+    example = example_inputs(decoder, kind, example_length)
     weights, caches, _ids, _mask, _slot, *image = example
-    blocks = torch.export.Dim("prompt_blocks", min=1, max=-(-max_length // SDPA_QUERY_BLOCK))
-    length = SDPA_QUERY_BLOCK * blocks
-    per_token = ({1: length},) * (2 + len(image))
-    ids, mask, *image = per_token
-    return (dict.fromkeys(weights), dict.fromkeys(caches), (ids, mask, None, *image))
+    most = -(-max(length, example_length) // block)
+    tokens = block * torch.export.Dim("prompt_blocks", min=1, max=most)
+    per_token = ({1: tokens},) * len(image)
+    dims = (
+        dict.fromkeys(weights),
+        dict.fromkeys(caches),
+        ({1: tokens}, {1: tokens}, None, *per_token),
+    )
+    return example, dims
 
 
 def vision_example_inputs(encoder: Gemma3VisionEncoder) -> tuple:
