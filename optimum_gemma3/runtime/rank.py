@@ -63,9 +63,9 @@ class RankEngine:
     def prefill(
         self, ids: torch.Tensor, mask: torch.Tensor, slot: torch.Tensor, *image_inputs
     ) -> torch.Tensor:
-        """One prompt `[1, bucket]` (or right-padded, with one program for every length)
-        into cache row `slot` `[1]`, with its image features and token types where the
-        artifact takes images."""
+        """One prompt `[1, bucket]` (with one program for every length: any whole number
+        of blocks) into cache row `slot` `[1]`, with its image features and token types
+        where the artifact takes images."""
         programs = self.prefill_programs
         program = programs[None] if None in programs else programs[ids.shape[1]]
         return program(self.weights, self.caches, ids, mask, slot, *image_inputs)
