@@ -25,14 +25,15 @@ from tests.test_parity import NEW_TOKENS, hf_greedy, left_padded_batch
 from tests.tiny_models import load_reference, save_random_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
+PARTS = ("sliding_attention", "full_attention", "last")
 SHAPE = dict(batch_size=3, sequence_length=128, context_encoding_buckets=[16, 32])
 ARTIFACT_FILES = {
     "config.json",
     "neuron_config.json",
     "generation_config.json",
     "model.safetensors",
-    "compiled/prefill.pt2",
-    "compiled/decode.pt2",
+    # Per pass, one program per layer type and one for the last layer (6 layers, alternating).
+    *(f"compiled/{kind}-{part}.pt2" for kind in ("prefill", "decode") for part in PARTS),
 }
 
 
@@ -114,10 +115,11 @@ def test_decode_program_never_copies_a_whole_cache(exported):
     the 270M's fp32 batch-4 step); such a copy needs a cache-shaped buffer."""
     _, model, folder = exported
     caches = {tuple(t.shape) for t in model.runtime.engine.caches.values()}
-    shapes = program_buffer_shapes(folder / "compiled/decode.pt2")
     batch, kv_heads, _, head_dim = next(iter(caches))
-    assert (batch, kv_heads, 1, head_dim) in shapes  # the new keys: the parsing sees shapes
-    assert not caches & shapes
+    for part in PARTS:
+        shapes = program_buffer_shapes(folder / f"compiled/decode-{part}.pt2")
+        assert (batch, kv_heads, 1, head_dim) in shapes  # the new keys: the parsing sees shapes
+        assert not caches & shapes
 
 
 def test_cpu_programs_end_at_the_final_norm_and_the_runtime_runs_the_head(exported):
@@ -161,7 +163,8 @@ def test_second_export_of_same_shape_skips_compilation(exported, tmp_path, monke
     caplog.set_level(logging.INFO, logger="optimum_gemma3")
     config = Gemma3NeuronModelForCausalLM.get_neuron_config(other, instance_type="cpu", **SHAPE)
     model = Gemma3NeuronModelForCausalLM.export(other, config)
-    assert caplog.text.count("from compile cache") == 2  # prefill (every length) and decode
+    # prefill (every length) and decode, one program per layer type and the last layer's
+    assert caplog.text.count("from compile cache") == 2 * len(PARTS)
 
     ids, mask = left_padded_batch(520, seed=7)
     expected = hf_greedy(load_reference(other), ids, mask, new_tokens=40)
@@ -292,7 +295,9 @@ def test_version_mismatch_is_refused(artifact_copy, field, value):
         Gemma3NeuronModelForCausalLM.from_pretrained(artifact_copy)
 
 
-@pytest.mark.parametrize("name", ["compiled/decode.pt2", "neuron_config.json", "model.safetensors"])
+@pytest.mark.parametrize(
+    "name", ["compiled/decode-last.pt2", "neuron_config.json", "model.safetensors"]
+)
 def test_missing_file_is_named(artifact_copy, name):
     (artifact_copy / name).unlink()
     with pytest.raises(ArtifactError, match=f"{name.replace('.', '[.]')} is missing"):
@@ -300,11 +305,11 @@ def test_missing_file_is_named(artifact_copy, name):
 
 
 def test_corrupt_program_is_refused(artifact_copy):
-    path = artifact_copy / "compiled/prefill.pt2"
+    path = artifact_copy / "compiled/prefill-full_attention.pt2"
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match=r"prefill\.pt2 is corrupt"):
+    with pytest.raises(ArtifactError, match=r"prefill-full_attention\.pt2 is corrupt"):
         Gemma3NeuronModelForCausalLM.from_pretrained(artifact_copy)
 
 

@@ -6,6 +6,10 @@ compiled/prefill_<N>.pt2 one program per prefill bucket (suffix set by the backe
 compiled/prefill.pt2     one for every prompt length (`prefill_any_length`)
 compiled/decode.pt2      the one-token program
 compiled/verify.pt2      with speculation_length k: k + 1 tokens per row (drafts checked)
+compiled/<pass>-<part>.pt2
+                         with `layer_programs`, instead of the three above: one program
+                         per pass (prefill, decode, verify) and layer type (sliding, full)
+                         and one for the last layer with the final norm (last)
 compiled/vision.pt2      image-text-to-text only: one image's pixels to its features
 model.safetensors        the decoder's weights in the export dtype (when exported with
                          load_weights=True; otherwise loaded from checkpoint_id)
@@ -85,6 +89,11 @@ def decode_program_name(suffix: str) -> str:
 
 def verify_program_name(suffix: str) -> str:
     return f"{PROGRAMS_DIR}/verify{suffix}"
+
+
+def layer_program_name(kind: str, part: str, suffix: str) -> str:
+    """The per-layer program `part` (a layer type, or the last layer) of pass `kind`."""
+    return f"{PROGRAMS_DIR}/{kind}-{part}{suffix}"
 
 
 def vision_program_name(suffix: str) -> str:

@@ -75,6 +75,7 @@ class Gemma3NeuronConfig(NxDNeuronConfig):
         compiler_version: str | None = None,
         artifact_files: dict[str, str | None] | None = None,
         head_on_host: bool | None = None,
+        layer_programs: bool | None = None,
         ops_profile: OpsProfile | dict | None = None,
         program_isa: str | None = None,
         max_num_images: int | None = None,
@@ -99,6 +100,13 @@ class Gemma3NeuronConfig(NxDNeuronConfig):
         if head_on_host is None:
             head_on_host = self.target == "cpu" and self.tp_degree == 1
         self.head_on_host = head_on_host
+        # Whether each pass is compiled as one program per layer type (and one for the last
+        # layer with the final norm) that the runtime calls layer by layer, instead of one
+        # program of the whole stack: far quicker to compile. Needs the head on the host
+        # and one prefill program for every length, as the `cpu` target with one rank has.
+        if layer_programs is None:
+            layer_programs = self.head_on_host
+        self.layer_programs = layer_programs
         # Set by the exporter (None until then): the forms the programs compute with, so
         # that the runtime can check the host runs them and compute the head alike.
         if isinstance(ops_profile, dict):
@@ -148,8 +156,10 @@ class Gemma3NeuronConfig(NxDNeuronConfig):
                 raise ValueError(
                     f"{key}={recorded!r} in the export config, but this host has {current!r}."
                 )
-        # Folders written before the field existed have the head in their programs.
+        # Folders written before these fields existed have the head in their programs, and
+        # one program per pass.
         config_dict.setdefault("head_on_host", False)
+        config_dict.setdefault("layer_programs", False)
         if config_dict.get("ops_profile") is None:
             raise ValueError(
                 "it records no ops_profile (the forms of products and attention its programs "
@@ -205,6 +215,11 @@ class Gemma3NeuronConfig(NxDNeuronConfig):
             raise ValueError(
                 "head_on_host=True needs target 'cpu' and tp_degree=1: elsewhere the head "
                 "stays in the programs."
+            )
+        if self.layer_programs and not self.head_on_host:
+            raise ValueError(
+                "layer_programs=True needs head_on_host=True (target 'cpu', tp_degree=1): "
+                "the program of the last layer ends at the final norm."
             )
         buckets = self.context_encoding_buckets
         if not buckets or any(not _positive(b) for b in buckets) or buckets != sorted(set(buckets)):

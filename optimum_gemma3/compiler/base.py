@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 Program = Callable[..., torch.Tensor]
+FlatProgram = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
 
 class CompilerBackend(ABC):
@@ -52,3 +53,9 @@ class CompilerBackend(ABC):
     @abstractmethod
     def load(self, path: Path) -> Program:
         """Load a compiled program; calling it runs it (caches are updated in place)."""
+
+    def flat_call(self, program: Program) -> FlatProgram:
+        """`program` called on its input tensors in flattened order (as `torch.utils._pytree`
+        flattens its arguments), returning its flattened outputs: for callers that call a
+        program many times a step (per-layer programs) and keep their inputs flat."""
+        raise NotImplementedError(f"The {self.name} backend has no flat program calls.")

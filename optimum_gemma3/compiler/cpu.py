@@ -21,7 +21,7 @@ from torch._inductor import cpu_vec_isa
 
 from ..graphs import kernels
 from ..quiet import torch_treespec_deprecation_silenced
-from .base import CompilerBackend, Program
+from .base import CompilerBackend, FlatProgram, Program
 
 logger = logging.getLogger(__name__)
 
@@ -74,3 +74,8 @@ class CpuBackend(CompilerBackend):
         kernels.load()
         with torch_treespec_deprecation_silenced():
             return torch._inductor.aoti_load_package(str(path))
+
+    def flat_call(self, program: Program) -> FlatProgram:
+        # The loader's own entry point: the loaded program's `__call__` re-reads its input
+        # spec and flattens the arguments on every call.
+        return program.loader.run

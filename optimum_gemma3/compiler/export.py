@@ -34,6 +34,7 @@ from ..artifact.files import (
     VISION_WEIGHTS_NAME,
     decode_program_name,
     files_below,
+    layer_program_name,
     prefill_program_name,
     save_artifact,
     sha256_file,
@@ -53,7 +54,9 @@ from ..graphs.program import (
     VERIFY,
     VISION,
     GraphProgram,
+    LayerProgram,
     VisionProgram,
+    layer_parts,
     traced_inputs,
     vision_example_inputs,
 )
@@ -97,6 +100,11 @@ def export_to_folder(
         check_image_export(config, checkpoint, neuron_config)
     if neuron_config.speculation_length:
         check_speculation_export(neuron_config)
+    if neuron_config.layer_programs and not neuron_config.prefill_any_length:
+        raise ValueError(
+            "layer_programs=True needs the prefill that serves every prompt length (the cpu "
+            "target's ops profile): export with layer_programs=False here."
+        )
 
     def fill(folder: Path) -> None:
         config.save_pretrained(folder)
@@ -159,23 +167,33 @@ def check_speculation_export(neuron_config) -> None:
 @dataclass(frozen=True)
 class ProgramJob:
     """One program of an export: its graph kind, length (prefill: the longest prompt it
-    takes; verify: tokens per row) and file name in the folder."""
+    takes; verify: tokens per row), file name in the folder and, for a per-layer program,
+    its part of the pass (see `graphs.program.LayerProgram`)."""
 
     kind: str
     length: int
     name: str
+    part: str | None = None
 
 
-def _program_jobs(neuron_config, suffix: str) -> list[ProgramJob]:
+def _program_jobs(text, neuron_config, suffix: str) -> list[ProgramJob]:
     buckets = neuron_config.context_encoding_buckets
-    if neuron_config.prefill_any_length:
+    k = neuron_config.speculation_length
+    if neuron_config.layer_programs:
+        passes = {PREFILL: buckets[-1], DECODE: 1, **({VERIFY: k + 1} if k else {})}
+        jobs = [
+            ProgramJob(kind, length, layer_program_name(kind, part, suffix), part)
+            for kind, length in passes.items()
+            for part in layer_parts(text)
+        ]
+    elif neuron_config.prefill_any_length:
         jobs = [ProgramJob(PREFILL, buckets[-1], prefill_program_name(None, suffix))]
     else:
         jobs = [ProgramJob(PREFILL, b, prefill_program_name(b, suffix)) for b in buckets]
-    jobs.append(ProgramJob(DECODE, 1, decode_program_name(suffix)))
-    if neuron_config.speculation_length:
-        k = neuron_config.speculation_length
-        jobs.append(ProgramJob(VERIFY, k + 1, verify_program_name(suffix)))
+    if not neuron_config.layer_programs:
+        jobs.append(ProgramJob(DECODE, 1, decode_program_name(suffix)))
+        if k:
+            jobs.append(ProgramJob(VERIFY, k + 1, verify_program_name(suffix)))
     if neuron_config.has_images:
         jobs.append(ProgramJob(VISION, 1, vision_program_name(suffix)))
     return jobs
@@ -196,6 +214,7 @@ def _graph_description(job: ProgramJob, config, neuron_config) -> dict:
         return {"kind": job.kind, "vision_config": config.vision_config.to_dict(), **shape}
     return {
         "kind": job.kind,
+        "part": job.part,
         "length": job.length,
         "batch_size": neuron_config.batch_size,
         "sequence_length": neuron_config.sequence_length,
@@ -212,11 +231,11 @@ def _compile_programs(config, neuron_config, backend, versions, folder: Path) ->
     compile is mostly one core's work (Inductor's Python, then g++).
     """
     suffix = backend.program_suffix
-    jobs = _program_jobs(neuron_config, suffix)
+    text = text_config(config)
+    jobs = _program_jobs(text, neuron_config, suffix)
     (folder / jobs[0].name).parent.mkdir(parents=True, exist_ok=True)
-    text = text_config(config).to_dict()
     keys = {
-        job: program_key(text, _graph_description(job, config, neuron_config), versions)
+        job: program_key(text.to_dict(), _graph_description(job, config, neuron_config), versions)
         for job in jobs
     }
     with tqdm(total=len(jobs), desc="compile", unit="graph") as bar:
@@ -235,19 +254,20 @@ def _compile_programs(config, neuron_config, backend, versions, folder: Path) ->
 
 
 def _compile_side_by_side(jobs: list[ProgramJob], config, neuron_config, folder: Path):
-    """Compile `jobs` into `folder`, yielding each as it is done: the first in this process,
-    the others meanwhile in worker processes (one per other CPU core, each compiling its
-    share in turn).
+    """Compile `jobs` into `folder`, yielding each as it is done: one share in this
+    process, the others meanwhile in worker processes (one per other CPU core, each
+    compiling its share in turn). Shares are dealt out in turn, so a share gets jobs of
+    every kind of pass.
 
     Workers are fresh interpreters (`python -m optimum_gemma3.compiler.worker`), not
     `multiprocessing` ones: its spawn re-runs the caller's main script, and scripts call
     `export` without an `if __name__ == "__main__"` guard.
     """
-    workers = max(0, min(len(jobs), os.cpu_count() or 1) - 1)
-    shares = [jobs[1 + w :: workers] for w in range(workers)]
+    count = max(1, min(len(jobs), os.cpu_count() or 1))
+    own, *shares = (jobs[i::count] for i in range(count))
     started = [_start_worker(share, config, neuron_config, folder) for share in shares]
     try:
-        for job in jobs[:1] if workers else jobs:
+        for job in own:
             compile_program(job, config, neuron_config, folder)
             yield job
         for share, (process, log) in zip(shares, started, strict=True):
@@ -299,8 +319,11 @@ def compile_program(job: ProgramJob, config, neuron_config, folder: Path) -> Non
         ops,
         ImageTokens.of(config) if neuron_config.has_images else None,
     )
-    program = GraphProgram(decoder, job.kind, with_head=not neuron_config.head_on_host)
-    inputs, dynamic = traced_inputs(decoder, job.kind, job.length)
+    if job.part is None:
+        program = GraphProgram(decoder, job.kind, with_head=not neuron_config.head_on_host)
+    else:
+        program = LayerProgram(decoder, job.kind, job.part)
+    inputs, dynamic = traced_inputs(decoder, job.kind, job.length, job.part)
     # One program serves every rank; tracing a sharded graph needs a process group.
     sharded = neuron_config.tp_degree > 1
     with tracing_process_group() if sharded else contextlib.nullcontext():

@@ -322,7 +322,8 @@ class Gemma3Decoder(nn.Module):
                 self.rotary[kind].inv_freq = inv_freq
                 self.rotary[kind].attention_scaling = attention_scaling
 
-    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings, scaled by sqrt(hidden) as Gemma does."""
         weight = self.embed_tokens.weight
         if self.layout.degree == 1:
             rows = self.embed_tokens(input_ids)
@@ -342,7 +343,7 @@ class Gemma3Decoder(nn.Module):
         image token's own id is looked up as pad (0) in case it lies outside the vocabulary.
         """
         is_image = input_ids == self.image_tokens.token_id
-        text = self._embed(torch.where(is_image, 0, input_ids))
+        text = self.embed(torch.where(is_image, 0, input_ids))
         return torch.where(is_image[..., None], image_embeds.to(text.dtype), text)
 
     def head_weight(self) -> torch.Tensor:
@@ -362,13 +363,12 @@ class Gemma3Decoder(nn.Module):
         hidden = self.norm(h[:, -1])
         return self.head(hidden) if with_head else hidden
 
-    def _run_layers(
-        self, h: torch.Tensor, inputs: dict[str, LayerInputs], last_token_only: bool = False
+    def run_layer(
+        self, index: int, h: torch.Tensor, inputs: dict[str, LayerInputs]
     ) -> torch.Tensor:
-        *body, last = self.layers
-        for layer in body:
-            h = layer(h, inputs[layer.layer_type])
-        return last(h, inputs[last.layer_type], last_token_only)
+        """Layer `index` on hidden states `h` (every token kept)."""
+        layer = self.layers[index]
+        return layer(h, inputs[layer.layer_type])
 
     def prefill(
         self,
@@ -395,16 +395,52 @@ class Gemma3Decoder(nn.Module):
         first (an identity for prompts that come so) and traces one graph for every
         length (see `layers.sdpa_prefill_attention`); its programs take prompts padded to
         a whole number of `SDPA_QUERY_BLOCK` tokens.
+
+        The stages (`embed_prompt`, then per layer `prefill_inputs` and `run_layer`, then
+        `prefill_output`) are also what per-layer programs run one at a time.
         """
-        sdpa = self.ops.sdpa_prefill
         if slots is None:
             slots = torch.arange(input_ids.shape[0], device=input_ids.device)
-        prompt_len = input_ids.shape[1]
-        if sdpa:
+        h, attention_mask, token_type_ids = self.embed_prompt(
+            input_ids, attention_mask, image_embeds, token_type_ids
+        )
+        inputs = self.prefill_inputs(attention_mask, slots, token_type_ids)
+        for index in range(len(self.layers) - 1):
+            h = self.run_layer(index, h, inputs)
+        return self.prefill_output(h, inputs, with_head)
+
+    def embed_prompt(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_embeds: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The prompts' embeddings, with their attention mask and token types: padding
+        moved to the right first where the ops profile has `sdpa_prefill`."""
+        if self.ops.sdpa_prefill:
             input_ids, attention_mask, image_embeds, token_type_ids = _real_tokens_first(
                 input_ids, attention_mask, image_embeds, token_type_ids
             )
-            positions = torch.arange(prompt_len, device=input_ids.device).expand_as(input_ids)
+        if image_embeds is None:
+            h = self.embed(input_ids)
+        else:
+            h = self._embed_with_images(input_ids, image_embeds)
+        return h, attention_mask, token_type_ids
+
+    def prefill_inputs(
+        self,
+        attention_mask: torch.Tensor,
+        slots: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> dict[str, LayerInputs]:
+        """Each layer type's inputs for prompts with `attention_mask` (as `embed_prompt`
+        returns it) going into cache rows `slots`."""
+        sdpa = self.ops.sdpa_prefill
+        prompt_len = attention_mask.shape[1]
+        if sdpa:
+            positions = torch.arange(prompt_len, device=attention_mask.device)
+            positions = positions.expand_as(attention_mask)
         else:
             positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         lengths = attention_mask.sum(-1)
@@ -425,15 +461,21 @@ class Gemma3Decoder(nn.Module):
                 groups=groups,
                 last=lengths - 1 if sdpa else None,
             )
-        if image_embeds is None:
-            h = self._embed(input_ids)
-        else:
-            h = self._embed_with_images(input_ids, image_embeds)
-        # Only the last token's logits are returned, so the last layer computes attention,
-        # MLP and norms for that token alone: its other tokens' outputs would feed nothing
-        # (a 1/num_layers share of the prefill's products). The last token's result is the
-        # same computation; only its one-row products may sum in another order.
-        h = self._run_layers(h, inputs, last_token_only=True)
+        return inputs
+
+    def prefill_output(
+        self, h: torch.Tensor, inputs: dict[str, LayerInputs], with_head: bool
+    ) -> torch.Tensor:
+        """The last layer, then the final norm (and the head `with_head`) of each row's
+        last token.
+
+        Only the last token's logits are returned, so the last layer computes attention,
+        MLP and norms for that token alone: its other tokens' outputs would feed nothing
+        (a 1/num_layers share of the prefill's products). The last token's result is the
+        same computation; only its one-row products may sum in another order.
+        """
+        last = self.layers[-1]
+        h = last(h, inputs[last.layer_type], last_token_only=True)
         return self._output(h, with_head)
 
     def decode(
@@ -451,7 +493,14 @@ class Gemma3Decoder(nn.Module):
         order (up to `SKINNY_MAX_ROWS` rows), and attention takes the tokens one at a
         time: every position's numbers are a one-token step's there.
         """
-        positions = positions.reshape(input_ids.shape)
+        h = self.embed(input_ids)
+        inputs = self.decode_inputs(positions.reshape(input_ids.shape))
+        for index in range(len(self.layers) - 1):
+            h = self.run_layer(index, h, inputs)
+        return self.decode_output(h, inputs, with_head, every_token)
+
+    def decode_inputs(self, positions: torch.Tensor) -> dict[str, LayerInputs]:
+        """Each layer type's inputs for new tokens at `positions` `[B, T]`."""
         steps = positions.unbind(1)
         inputs = {}
         for kind in LAYER_TYPES:
@@ -464,7 +513,18 @@ class Gemma3Decoder(nn.Module):
                 positions=positions,
                 filled=tuple(filled_slots(step, cache_len) for step in steps),
             )
-        h = self._run_layers(self._embed(input_ids), inputs)
+        return inputs
+
+    def decode_output(
+        self,
+        h: torch.Tensor,
+        inputs: dict[str, LayerInputs],
+        with_head: bool,
+        every_token: bool = False,
+    ) -> torch.Tensor:
+        """The last layer, then the final norm (and the head `with_head`) of each row's
+        last token, or of every token."""
+        h = self.run_layer(len(self.layers) - 1, h, inputs)
         if not every_token:
             return self._output(h, with_head)
         hidden = self.norm(h)
@@ -504,6 +564,41 @@ class VerifyGraph(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.decoder.decode(input_ids, positions, self.with_head, every_token=True)
+
+
+class LayerGraph(nn.Module):
+    """One layer's share of a prefill (`prefill`), decode or verify (`every_token`) pass,
+    as a module's forward: `(h, *inputs) -> h` for layer `index`, or with `last` the last
+    layer and the final norm, as `prefill_output` and `decode_output` end a pass (never
+    the head: per-layer programs leave it to the runtime).
+
+    The inputs are what the pass's layers are derived from: the attention mask (as
+    `embed_prompt` returns it), the cache slot and, with images, the token types for a
+    prefill; the positions `[B, T]` otherwise. Deriving each layer's inputs in every
+    layer's program (a few small tensors) keeps its inputs few and fixed.
+    """
+
+    def __init__(
+        self, decoder: Gemma3Decoder, index: int, prefill: bool, every_token: bool = False
+    ):
+        super().__init__()
+        self.decoder = decoder
+        self.index = index
+        self.last = index == len(decoder.layers) - 1
+        self.is_prefill = prefill
+        self.every_token = every_token
+
+    def forward(self, h: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        decoder = self.decoder
+        if self.is_prefill:
+            layer_inputs = decoder.prefill_inputs(*inputs)
+            if self.last:
+                return decoder.prefill_output(h, layer_inputs, with_head=False)
+        else:
+            layer_inputs = decoder.decode_inputs(*inputs)
+            if self.last:
+                return decoder.decode_output(h, layer_inputs, False, self.every_token)
+        return decoder.run_layer(self.index, h, layer_inputs)
 
 
 class DecodeGraph(nn.Module):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .decoder import DecodeGraph, Gemma3Decoder, PrefillGraph, VerifyGraph
+from .decoder import DecodeGraph, Gemma3Decoder, LayerGraph, PrefillGraph, VerifyGraph
 from .layers import SDPA_QUERY_BLOCK
 from .vision import Gemma3VisionEncoder
 
@@ -22,6 +22,10 @@ DECODE = "decode"
 VERIFY = "verify"
 VISION = "vision"
 GRAPHS = {PREFILL: PrefillGraph, DECODE: DecodeGraph, VERIFY: VerifyGraph}
+# The part of a pass that a per-layer program runs beside the layer types': the last
+# layer with the final norm.
+LAST = "last"
+FINAL_NORM_PREFIX = "norm."
 
 
 class GraphProgram(nn.Module):
@@ -52,6 +56,68 @@ class GraphProgram(nn.Module):
         `(input_ids [B, 1], positions [B])`; verify: `(input_ids [B, T], positions [B, T])`."""
         state = {f"decoder.{name}": tensor for name, tensor in {**weights, **caches}.items()}
         return functional_call(self._graph[0], state, inputs)
+
+
+class LayerProgram(nn.Module):
+    """One layer of a prefill, decode or verify pass as a program: `part` SLIDING or FULL
+    is called for every layer of that type but the last, LAST for the last layer and the
+    final norm (see `LayerGraph`). Its weights and caches are one layer's, named within the
+    layer (`layer_state`), so the runtime passes each layer's own.
+
+    Compiling one layer per type instead of the whole stack is what makes an export quick:
+    Inductor's work and the program's code grow with the number of layers in a graph.
+    """
+
+    def __init__(self, decoder: Gemma3Decoder, kind: str, part: str):
+        super().__init__()
+        self.index = layer_parts(decoder.config)[part]
+        graph = LayerGraph(decoder, self.index, kind == PREFILL, every_token=kind == VERIFY)
+        self._graph = (graph,)  # outside the module tree, as in `GraphProgram`
+        self.kind = kind
+        self.part = part
+
+    def forward(
+        self,
+        weights: dict[str, torch.Tensor],
+        caches: dict[str, torch.Tensor],
+        *inputs: torch.Tensor,
+    ) -> torch.Tensor:
+        """Hidden states `[B, S, hidden]` through the layer, then prefill's
+        `(attention_mask [1, S], slot [1])` and with images `token_type_ids [1, S]`, or
+        decode's and verify's `(positions [B, T])`."""
+        layer = f"decoder.layers.{self.index}."
+        state = {
+            f"decoder.{name}" if name.startswith(FINAL_NORM_PREFIX) else layer + name: tensor
+            for name, tensor in {**weights, **caches}.items()
+        }
+        return functional_call(self._graph[0], state, inputs)
+
+
+def layer_parts(config) -> dict[str, int]:
+    """The per-layer programs of a pass of a decoder with text config `config`, each with
+    the layer it is traced on: one per layer type among all layers but the last (its first
+    such layer), and LAST."""
+    parts = {}
+    for index in range(config.num_hidden_layers - 1):
+        parts.setdefault(layer_part(config, index), index)
+    parts[LAST] = config.num_hidden_layers - 1
+    return parts
+
+
+def layer_part(config, index: int) -> str:
+    """Which per-layer program runs layer `index` of a decoder with text config `config`."""
+    return LAST if index == config.num_hidden_layers - 1 else config.layer_types[index]
+
+
+def layer_state(tensors: dict[str, torch.Tensor], index: int, last: bool) -> dict:
+    """Layer `index`'s share of a decoder's weights or caches (`tensors`, by name), named
+    within the layer, with the final norm's weight for the LAST program; in canonical order.
+    """
+    prefix = f"layers.{index}."
+    state = {n.removeprefix(prefix): t for n, t in tensors.items() if n.startswith(prefix)}
+    if last:
+        state |= {n: t for n, t in tensors.items() if n.startswith(FINAL_NORM_PREFIX)}
+    return canonical(state)
 
 
 class VisionProgram(nn.Module):
@@ -99,44 +165,66 @@ def image_inputs(decoder: Gemma3Decoder, prompt_length: int) -> tuple:
     )
 
 
-def example_inputs(decoder: Gemma3Decoder, kind: str, length: int | None = None) -> tuple:
-    """Static-shape example inputs for tracing one program: a prefill bucket (`length`
-    tokens), decode, or verify (`length` tokens per row)."""
+def pass_inputs(decoder: Gemma3Decoder, kind: str, length: int) -> tuple:
+    """Zeros shaped like a pass's inputs: a prefill of `length` tokens (ids, mask, slot and
+    the image inputs), decode, or verify (`length` tokens per row)."""
     if kind == PREFILL:  # one prompt into one cache row (see `Gemma3Decoder.prefill`)
         ids = torch.zeros(1, length, dtype=torch.long)
-        extra = (torch.ones_like(ids), torch.zeros(1, dtype=torch.long))
-        extra += image_inputs(decoder, length)
-    elif kind == VERIFY:
+        return (
+            ids,
+            torch.ones_like(ids),
+            torch.zeros(1, dtype=torch.long),
+            *image_inputs(decoder, length),
+        )
+    if kind == VERIFY:
         ids = torch.zeros(decoder.batch_size, length, dtype=torch.long)
-        extra = (torch.zeros_like(ids),)
-    else:
-        ids = torch.zeros(decoder.batch_size, 1, dtype=torch.long)
-        extra = (torch.zeros(decoder.batch_size, dtype=torch.long),)
-    return weight_tensors(decoder), cache_tensors(decoder), ids, *extra
+        return ids, torch.zeros_like(ids)
+    ids = torch.zeros(decoder.batch_size, 1, dtype=torch.long)
+    return ids, torch.zeros(decoder.batch_size, dtype=torch.long)
 
 
-def traced_inputs(decoder: Gemma3Decoder, kind: str, length: int) -> tuple:
-    """A decoder program's example inputs and `torch.export`'s `dynamic_shapes` for them:
-    static shapes (`length`: the prefill bucket or verify tokens), except the prefill of
-    an `sdpa_prefill` decoder, which serves every whole number of `SDPA_QUERY_BLOCK`
-    tokens up to `length`."""
+def example_inputs(
+    decoder: Gemma3Decoder, kind: str, length: int | None = None, part: str | None = None
+) -> tuple:
+    """Static-shape example inputs for tracing one program: a prefill bucket (`length`
+    tokens), decode, or verify (`length` tokens per row); of the whole pass, or of its
+    per-layer program `part`."""
+    weights, caches = weight_tensors(decoder), cache_tensors(decoder)
+    ids, *extra = pass_inputs(decoder, kind, length)
+    if part is None:
+        return weights, caches, ids, *extra
+    index = layer_parts(decoder.config)[part]
+    last = part == LAST
+    hidden = torch.zeros(*ids.shape, decoder.config.hidden_size, dtype=decoder.dtype)
+    if kind == PREFILL:  # the mask, the slot, the token types with images
+        mask, slot, *image = extra
+        extra = [mask, slot, *image[1:]]
+    else:  # the positions, one per token
+        extra = [extra[0].reshape(ids.shape)]
+    state = layer_state(weights, index, last), layer_state(caches, index, last)
+    return *state, hidden, *extra
+
+
+def traced_inputs(decoder: Gemma3Decoder, kind: str, length: int, part: str | None = None) -> tuple:
+    """A decoder program's example inputs (see `example_inputs`) and `torch.export`'s
+    `dynamic_shapes` for them: static shapes (`length`: the prefill bucket or verify
+    tokens), except the prefill of an `sdpa_prefill` decoder, which serves every whole
+    number of `SDPA_QUERY_BLOCK` tokens up to `length`."""
     if kind != PREFILL or not decoder.ops.sdpa_prefill:
-        return example_inputs(decoder, kind, length), None
+        return example_inputs(decoder, kind, length, part), None
     # The example is long enough that both parts of a sliding layer's attention (its
     # window's first blocks, and blocks past them) are traced non-empty: tracing takes a
     # part of size 0 or 1 in the example for a constant (see `layers._sliding_sdpa`).
     block = SDPA_QUERY_BLOCK
     example_length = (decoder.config.sliding_window // block + 2) * block
-    example = example_inputs(decoder, kind, example_length)
-    weights, caches, _ids, _mask, _slot, *image = example
+    example = example_inputs(decoder, kind, example_length, part)
+    weights, caches, *per_pass = example
     most = -(-max(length, example_length) // block)
     tokens = block * torch.export.Dim("prompt_blocks", min=1, max=most)
-    per_token = ({1: tokens},) * len(image)
-    dims = (
-        dict.fromkeys(weights),
-        dict.fromkeys(caches),
-        ({1: tokens}, {1: tokens}, None, *per_token),
-    )
+    # Every input of a prefill is per token (dim 1) but its slot, the third: (ids, mask,
+    # slot, *image inputs) for the whole pass, (hidden, mask, slot, *token types) per layer.
+    per_pass_dims = [None if i == 2 else {1: tokens} for i in range(len(per_pass))]
+    dims = (dict.fromkeys(weights), dict.fromkeys(caches), tuple(per_pass_dims))
     return example, dims
 
 

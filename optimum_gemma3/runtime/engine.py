@@ -62,13 +62,13 @@ class Gemma3Runtime:
         self.buckets = list(nc.context_encoding_buckets)
         self.pad_token_id = self.config.get_text_config().pad_token_id or 0
         text = text_config(self.config)
+        self.image_tokens = ImageTokens.of(self.config) if nc.has_images else None
         if nc.tp_degree == 1:
-            self.engine = RankEngine(folder, nc, text, token=token)
+            self.engine = RankEngine(folder, nc, text, token=token, image_tokens=self.image_tokens)
         else:
             self.engine = RankPool(folder, nc, text.vocab_size, token)
-        self.image_tokens = self.vision = None
+        self.vision = None
         if nc.has_images:
-            self.image_tokens = ImageTokens.of(self.config)
             self.vision = VisionEngine(folder, nc, self.config)
             for name in PROCESSOR_FILES:  # a folder copied without its processor is refused
                 if name in nc.artifact_files:
@@ -278,7 +278,7 @@ class Gemma3Runtime:
         sliding layer's ring it overwrote a key the next steps still see). Other slots
         run padding at their own next positions and are put back whole.
         """
-        if getattr(self.engine, "verify_program", None) is None:
+        if not getattr(self.engine, "verifies", False):
             raise ValueError(
                 "This model was exported without a verify program (speculation_length=0): "
                 "re-export it with speculation_length=k (k drafted tokens checked per step) "

@@ -12,6 +12,7 @@ from transformers import Gemma3TextConfig
 from ..artifact.files import (
     ArtifactError,
     decode_program_name,
+    layer_program_name,
     prefill_program_name,
     verify_file,
     verify_program_name,
@@ -20,7 +21,18 @@ from ..artifact.files import (
 from ..artifact.neuron_config import Gemma3NeuronConfig
 from ..compiler import backend_for_target
 from ..graphs import Gemma3Decoder
-from ..graphs.program import cache_tensors, canonical
+from ..graphs.config import ImageTokens
+from ..graphs.program import (
+    DECODE,
+    LAST,
+    PREFILL,
+    VERIFY,
+    cache_tensors,
+    canonical,
+    layer_part,
+    layer_parts,
+    layer_state,
+)
 from ..weights import check_tensors, rank_state_dicts, resolve_checkpoint
 
 
@@ -28,7 +40,8 @@ class RankEngine:
     """One rank's programs, weights and KV caches: runs already padded, program-sized inputs.
 
     With one rank this is the whole model; with `tp_degree > 1` each rank process of a
-    `RankPool` holds one, and the programs' collectives connect them.
+    `RankPool` holds one, and the programs' collectives connect them. An artifact with
+    `layer_programs` runs each pass layer by layer (`LayerPasses`).
     """
 
     def __init__(
@@ -38,27 +51,49 @@ class RankEngine:
         text: Gemma3TextConfig,
         rank: int = 0,
         token: str | bool | None = None,
+        image_tokens: ImageTokens | None = None,
     ):
         backend = backend_for_target(nc.target)
 
         def program(name: str):
             return backend.load(verify_file(folder, name, nc.artifact_files.get(name)))
 
+        decoder = Gemma3Decoder.skeleton(
+            text,
+            nc.batch_size,
+            nc.sequence_length,
+            nc.torch_dtype,
+            nc.tp_degree,
+            nc.ops_profile,
+            image_tokens,
+        )
+        self.weights = canonical(_load_rank_weights(folder, nc, text, decoder, rank, token))
+        self.caches = cache_tensors(decoder)
+        for cache in self.caches.values():
+            cache.zero_()
         suffix = backend.program_suffix
+        # Whether the artifact has the verify pass (speculative decoding's check).
+        self.verifies = bool(nc.speculation_length)
+        self.layer_passes = None
+        if nc.layer_programs:
+            kinds = (PREFILL, DECODE, VERIFY) if self.verifies else (PREFILL, DECODE)
+            programs = {
+                kind: {
+                    part: backend.flat_call(program(layer_program_name(kind, part, suffix)))
+                    for part in layer_parts(text)
+                }
+                for kind in kinds
+            }
+            self.layer_passes = LayerPasses(programs, decoder, self.weights, self.caches)
+            return
         if nc.prefill_any_length:
             self.prefill_programs = {None: program(prefill_program_name(None, suffix))}
         else:
             buckets = nc.context_encoding_buckets
             self.prefill_programs = {b: program(prefill_program_name(b, suffix)) for b in buckets}
         self.decode_program = program(decode_program_name(suffix))
-        self.verify_program = None
-        if nc.speculation_length:
+        if self.verifies:
             self.verify_program = program(verify_program_name(suffix))
-        skeleton = Gemma3Decoder.skeleton(
-            text, nc.batch_size, nc.sequence_length, nc.torch_dtype, nc.tp_degree
-        )
-        self.weights = canonical(_load_rank_weights(folder, nc, text, skeleton, rank, token))
-        self.caches = {name: torch.zeros_like(t) for name, t in cache_tensors(skeleton).items()}
 
     def prefill(
         self, ids: torch.Tensor, mask: torch.Tensor, slot: torch.Tensor, *image_inputs
@@ -66,15 +101,21 @@ class RankEngine:
         """One prompt `[1, bucket]` (with one program for every length: any whole number
         of blocks) into cache row `slot` `[1]`, with its image features and token types
         where the artifact takes images."""
+        if self.layer_passes is not None:
+            return self.layer_passes.prefill(ids, mask, slot, *image_inputs)
         programs = self.prefill_programs
         program = programs[None] if None in programs else programs[ids.shape[1]]
         return program(self.weights, self.caches, ids, mask, slot, *image_inputs)
 
     def decode(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.layer_passes is not None:
+            return self.layer_passes.decode(DECODE, ids, positions)
         return self.decode_program(self.weights, self.caches, ids, positions)
 
     def verify(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """`[B, T]` consecutive tokens per row at `positions` `[B, T]`: every position's output."""
+        if self.layer_passes is not None:
+            return self.layer_passes.decode(VERIFY, ids, positions)
         return self.verify_program(self.weights, self.caches, ids, positions)
 
     def zero_caches(self) -> None:
@@ -84,6 +125,50 @@ class RankEngine:
 
     def close(self) -> None:
         """Nothing to stop: the programs and tensors go with the object."""
+
+
+class LayerPasses:
+    """Prefill, decode and verify passes run layer by layer through per-layer programs
+    (`graphs.program.LayerProgram`), each layer with its own weights and caches.
+
+    The embedding runs here, eagerly (a row lookup and a scale: the same numbers as in a
+    program); every call passes a flat list of tensors, prepared once per layer, so a
+    call costs little beside the layer's own work.
+    """
+
+    def __init__(self, programs: dict, decoder: Gemma3Decoder, weights: dict, caches: dict):
+        self.programs = programs
+        # The decoder embeds prompts; it holds the loaded weights, not copies.
+        decoder.load_state_dict(weights, strict=False, assign=True)
+        self.decoder = decoder.requires_grad_(False)
+        config = decoder.config
+        self.layers = []
+        for index in range(config.num_hidden_layers):
+            part = layer_part(config, index)
+            last = part == LAST
+            state = [*layer_state(weights, index, last).values()]
+            state += layer_state(caches, index, last).values()
+            self.layers.append((part, state))
+
+    def _run(self, kind: str, h: torch.Tensor, inputs: list[torch.Tensor]) -> torch.Tensor:
+        programs = self.programs[kind]
+        for part, state in self.layers:
+            (h,) = programs[part]([*state, h, *inputs])
+        return h
+
+    def prefill(
+        self, ids: torch.Tensor, mask: torch.Tensor, slot: torch.Tensor, *image_inputs
+    ) -> torch.Tensor:
+        with torch.no_grad():
+            h, mask, token_type_ids = self.decoder.embed_prompt(ids, mask, *image_inputs)
+        token_types = [] if token_type_ids is None else [token_type_ids]
+        return self._run(PREFILL, h, [mask, slot, *token_types])
+
+    def decode(self, kind: str, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Pass `kind` (decode or verify) of tokens `ids` `[B, T]` at `positions`."""
+        with torch.no_grad():
+            h = self.decoder.embed(ids)
+        return self._run(kind, h, [positions.reshape(ids.shape)])
 
 
 def _load_rank_weights(folder: Path, nc, text, skeleton, rank: int, token) -> dict:
