@@ -144,8 +144,10 @@ def test_cpu_programs_end_at_the_final_norm_and_the_runtime_runs_the_head(export
     )
     assert not sharded.head_on_host
     recorded = json.loads((folder / "neuron_config.json").read_text())
-    del recorded["head_on_host"]
-    assert not Gemma3NeuronConfig.from_dict(recorded).head_on_host
+    assert recorded["layer_programs"]
+    del recorded["head_on_host"], recorded["layer_programs"]
+    earlier = Gemma3NeuronConfig.from_dict(recorded)  # whole-stack programs, head inside
+    assert not earlier.head_on_host and not earlier.layer_programs
 
 
 def test_second_export_of_same_shape_skips_compilation(exported, tmp_path, monkeypatch, caplog):

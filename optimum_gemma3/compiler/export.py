@@ -100,11 +100,8 @@ def export_to_folder(
         check_image_export(config, checkpoint, neuron_config)
     if neuron_config.speculation_length:
         check_speculation_export(neuron_config)
-    if neuron_config.layer_programs and not neuron_config.prefill_any_length:
-        raise ValueError(
-            "layer_programs=True needs the prefill that serves every prompt length (the cpu "
-            "target's ops profile): export with layer_programs=False here."
-        )
+    # Per-layer programs take the prefill that serves every length (the cpu profile's).
+    neuron_config.layer_programs &= neuron_config.prefill_any_length
 
     def fill(folder: Path) -> None:
         config.save_pretrained(folder)
