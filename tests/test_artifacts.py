@@ -25,15 +25,16 @@ from tests.test_parity import NEW_TOKENS, hf_greedy, left_padded_batch
 from tests.tiny_models import load_reference, save_random_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS = ("sliding_attention", "full_attention", "last")
+LAYER_TYPES = ("sliding_attention", "full_attention")
 SHAPE = dict(batch_size=3, sequence_length=128, context_encoding_buckets=[16, 32])
 ARTIFACT_FILES = {
     "config.json",
     "neuron_config.json",
     "generation_config.json",
     "model.safetensors",
-    # Per pass, one program per layer type and one for the last layer (6 layers, alternating).
-    *(f"compiled/{kind}-{part}.pt2" for kind in ("prefill", "decode") for part in PARTS),
+    # Per pass one program per layer type (6 layers, alternating); prefill's last layer its own.
+    *(f"compiled/prefill-{part}.pt2" for part in (*LAYER_TYPES, "last")),
+    *(f"compiled/decode-{part}.pt2" for part in LAYER_TYPES),
 }
 
 
@@ -116,7 +117,7 @@ def test_decode_program_never_copies_a_whole_cache(exported):
     _, model, folder = exported
     caches = {tuple(t.shape) for t in model.runtime.engine.caches.values()}
     batch, kv_heads, _, head_dim = next(iter(caches))
-    for part in PARTS:
+    for part in LAYER_TYPES:
         shapes = program_buffer_shapes(folder / f"compiled/decode-{part}.pt2")
         assert (batch, kv_heads, 1, head_dim) in shapes  # the new keys: the parsing sees shapes
         assert not caches & shapes
@@ -165,8 +166,8 @@ def test_second_export_of_same_shape_skips_compilation(exported, tmp_path, monke
     caplog.set_level(logging.INFO, logger="optimum_gemma3")
     config = Gemma3NeuronModelForCausalLM.get_neuron_config(other, instance_type="cpu", **SHAPE)
     model = Gemma3NeuronModelForCausalLM.export(other, config)
-    # prefill (every length) and decode, one program per layer type and the last layer's
-    assert caplog.text.count("from compile cache") == 2 * len(PARTS)
+    programs = [name for name in ARTIFACT_FILES if name.startswith("compiled/")]
+    assert caplog.text.count("from compile cache") == len(programs) == 5
 
     ids, mask = left_padded_batch(520, seed=7)
     expected = hf_greedy(load_reference(other), ids, mask, new_tokens=40)
@@ -298,7 +299,7 @@ def test_version_mismatch_is_refused(artifact_copy, field, value):
 
 
 @pytest.mark.parametrize(
-    "name", ["compiled/decode-last.pt2", "neuron_config.json", "model.safetensors"]
+    "name", ["compiled/decode-full_attention.pt2", "neuron_config.json", "model.safetensors"]
 )
 def test_missing_file_is_named(artifact_copy, name):
     (artifact_copy / name).unlink()

@@ -94,7 +94,7 @@ def test_one_prefill_program_serves_every_prompt_length(tiny_checkpoints, monkey
         folder, instance_type="cpu", batch_size=1, sequence_length=64, max_context_length=24
     )
     model = Gemma3NeuronModelForCausalLM.export(folder, config)
-    parts = program.layer_parts(model.config)  # one prefill program per part, any length
+    parts = program.layer_parts(model.config, program.PREFILL)  # each for any length
     assert {name for name in model.neuron_config.artifact_files if "prefill" in name} == {
         f"compiled/prefill-{part}.pt2" for part in parts
     }

@@ -91,9 +91,10 @@ def test_resaving_replaces_the_earlier_export_and_nothing_else(models, tmp_path)
     folder = tmp_path / "out"
     with_verify.save_pretrained(folder)
     files = user_files(folder)
-    assert (folder / "compiled/verify-last.pt2").is_file()
+    assert (folder / "compiled/verify-full_attention.pt2").is_file()
     without_verify.save_pretrained(folder)
-    assert not (folder / "compiled/verify-last.pt2").exists()  # the earlier export's, stale
+    stale = folder / "compiled/verify-full_attention.pt2"  # the earlier export's
+    assert not stale.exists()
     assert speculation_of(folder) == 0
     assert_kept(folder, files)
     listed = set(json.loads((folder / "neuron_config.json").read_text())["artifact_files"])
@@ -150,11 +151,11 @@ def test_a_save_interrupted_before_its_first_move_owns_nothing(models, tmp_path)
     staging = folder / ".optimum-gemma3-save-interrupted"
     staging.mkdir()
     (staging / "neuron_config.json").write_bytes((source / "neuron_config.json").read_bytes())
-    mine = folder / "compiled/verify-last.pt2"
+    mine = folder / "compiled/verify-full_attention.pt2"
     mine.write_text("the user's, though the staging manifest lists the name")
     without_verify.save_pretrained(folder)  # the name is not its: kept
     assert mine.read_text().startswith("the user's")
-    with pytest.raises(ArtifactError, match="compiled/verify-last.pt2"):
+    with pytest.raises(ArtifactError, match="compiled/verify-full_attention.pt2"):
         with_verify.save_pretrained(folder)  # would overwrite it: refused
     assert mine.read_text().startswith("the user's")
 

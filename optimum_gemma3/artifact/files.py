@@ -7,9 +7,9 @@ compiled/prefill.pt2     one for every prompt length (`prefill_any_length`)
 compiled/decode.pt2      the one-token program
 compiled/verify.pt2      with speculation_length k: k + 1 tokens per row (drafts checked)
 compiled/<pass>-<part>.pt2
-                         with `layer_programs`, instead of the three above: one program
-                         per pass (prefill, decode, verify) and layer type (sliding, full)
-                         and one for the last layer with the final norm (last)
+                         with `layer_programs`, instead of the whole-stack programs above:
+                         per pass (prefill, decode, verify) one program per layer type and
+                         one for the last layer with the final norm (part `last`)
 compiled/vision.pt2      image-text-to-text only: one image's pixels to its features
 model.safetensors        the decoder's weights in the export dtype (when exported with
                          load_weights=True; otherwise loaded from checkpoint_id)

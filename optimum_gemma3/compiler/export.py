@@ -181,7 +181,7 @@ def _program_jobs(text, neuron_config, suffix: str) -> list[ProgramJob]:
         jobs = [
             ProgramJob(kind, length, layer_program_name(kind, part, suffix), part)
             for kind, length in passes.items()
-            for part in layer_parts(text)
+            for part in layer_parts(text, kind)
         ]
     elif neuron_config.prefill_any_length:
         jobs = [ProgramJob(PREFILL, buckets[-1], prefill_program_name(None, suffix))]

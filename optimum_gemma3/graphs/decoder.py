@@ -358,9 +358,13 @@ class Gemma3Decoder(nn.Module):
         logits = torch.nn.functional.linear(hidden, self.head_weight())
         return gather_vocab(logits, getattr(self, RANK_NAME), self.config.vocab_size)
 
+    def final_norm(self, h: torch.Tensor, every_token: bool = False) -> torch.Tensor:
+        """The final norm of each row's last token `[B, hidden]`, or of every token."""
+        return self.norm(h if every_token else h[:, -1])
+
     def _output(self, h: torch.Tensor, with_head: bool) -> torch.Tensor:
         """Each row's last token, final-normed, then through the head `with_head`."""
-        hidden = self.norm(h[:, -1])
+        hidden = self.final_norm(h)
         return self.head(hidden) if with_head else hidden
 
     def run_layer(
@@ -527,7 +531,7 @@ class Gemma3Decoder(nn.Module):
         h = self.run_layer(len(self.layers) - 1, h, inputs)
         if not every_token:
             return self._output(h, with_head)
-        hidden = self.norm(h)
+        hidden = self.final_norm(h, every_token=True)
         if not with_head:
             return hidden
         return self.head(hidden.flatten(0, 1)).unflatten(0, hidden.shape[:2])
@@ -567,10 +571,10 @@ class VerifyGraph(nn.Module):
 
 
 class LayerGraph(nn.Module):
-    """One layer's share of a prefill (`prefill`), decode or verify (`every_token`) pass,
-    as a module's forward: `(h, *inputs) -> h` for layer `index`, or with `last` the last
-    layer and the final norm, as `prefill_output` and `decode_output` end a pass (never
-    the head: per-layer programs leave it to the runtime).
+    """One layer's share of a prefill (`prefill`) or decode pass (decode and verify), as a
+    module's forward: `(h, *inputs) -> h` for layer `index`; a prefill's last layer ends
+    the pass as `prefill_output` does, for the last token only and through the final norm
+    (never the head: per-layer programs leave it, and decode's final norm, to the runtime).
 
     The inputs are what the pass's layers are derived from: the attention mask (as
     `embed_prompt` returns it), the cache slot and, with images, the token types for a
@@ -578,26 +582,19 @@ class LayerGraph(nn.Module):
     layer's program (a few small tensors) keeps its inputs few and fixed.
     """
 
-    def __init__(
-        self, decoder: Gemma3Decoder, index: int, prefill: bool, every_token: bool = False
-    ):
+    def __init__(self, decoder: Gemma3Decoder, index: int, prefill: bool):
         super().__init__()
         self.decoder = decoder
         self.index = index
-        self.last = index == len(decoder.layers) - 1
         self.is_prefill = prefill
-        self.every_token = every_token
 
     def forward(self, h: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
         decoder = self.decoder
-        if self.is_prefill:
-            layer_inputs = decoder.prefill_inputs(*inputs)
-            if self.last:
-                return decoder.prefill_output(h, layer_inputs, with_head=False)
-        else:
-            layer_inputs = decoder.decode_inputs(*inputs)
-            if self.last:
-                return decoder.decode_output(h, layer_inputs, False, self.every_token)
+        if not self.is_prefill:
+            return decoder.run_layer(self.index, h, decoder.decode_inputs(*inputs))
+        layer_inputs = decoder.prefill_inputs(*inputs)
+        if self.index == len(decoder.layers) - 1:
+            return decoder.prefill_output(h, layer_inputs, with_head=False)
         return decoder.run_layer(self.index, h, layer_inputs)
 
 

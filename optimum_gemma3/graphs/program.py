@@ -22,8 +22,8 @@ DECODE = "decode"
 VERIFY = "verify"
 VISION = "vision"
 GRAPHS = {PREFILL: PrefillGraph, DECODE: DecodeGraph, VERIFY: VerifyGraph}
-# The part of a pass that a per-layer program runs beside the layer types': the last
-# layer with the final norm.
+# The part of a prefill that a per-layer program runs beside the layer types': the last
+# layer, for the last token only, with the final norm.
 LAST = "last"
 FINAL_NORM_PREFIX = "norm."
 
@@ -59,10 +59,10 @@ class GraphProgram(nn.Module):
 
 
 class LayerProgram(nn.Module):
-    """One layer of a prefill, decode or verify pass as a program: `part` SLIDING or FULL
-    is called for every layer of that type but the last, LAST for the last layer and the
-    final norm (see `LayerGraph`). Its weights and caches are one layer's, named within the
-    layer (`layer_state`), so the runtime passes each layer's own.
+    """One layer of a prefill, decode or verify pass as a program, called for every layer
+    of its part (`layer_parts`: a layer type, or a prefill's LAST; see `LayerGraph`). Its
+    weights and caches are one layer's, named within the layer (`layer_state`), so the
+    runtime passes each layer's own.
 
     Compiling one layer per type instead of the whole stack is what makes an export quick:
     Inductor's work and the program's code grow with the number of layers in a graph.
@@ -70,8 +70,8 @@ class LayerProgram(nn.Module):
 
     def __init__(self, decoder: Gemma3Decoder, kind: str, part: str):
         super().__init__()
-        self.index = layer_parts(decoder.config)[part]
-        graph = LayerGraph(decoder, self.index, kind == PREFILL, every_token=kind == VERIFY)
+        self.index = layer_parts(decoder.config, kind)[part]
+        graph = LayerGraph(decoder, self.index, kind == PREFILL)
         self._graph = (graph,)  # outside the module tree, as in `GraphProgram`
         self.kind = kind
         self.part = part
@@ -93,20 +93,21 @@ class LayerProgram(nn.Module):
         return functional_call(self._graph[0], state, inputs)
 
 
-def layer_parts(config) -> dict[str, int]:
-    """The per-layer programs of a pass of a decoder with text config `config`, each with
-    the layer it is traced on: one per layer type among all layers but the last (its first
-    such layer), and LAST."""
+def layer_parts(config, kind: str) -> dict[str, int]:
+    """The per-layer programs of pass `kind` of a decoder with text config `config`, each
+    with the layer it is traced on (the first it runs): one per layer type, and for a
+    prefill LAST, the last layer's own (it computes the last token only)."""
     parts = {}
-    for index in range(config.num_hidden_layers - 1):
-        parts.setdefault(layer_part(config, index), index)
-    parts[LAST] = config.num_hidden_layers - 1
+    for index in range(config.num_hidden_layers):
+        parts.setdefault(layer_part(config, kind, index), index)
     return parts
 
 
-def layer_part(config, index: int) -> str:
-    """Which per-layer program runs layer `index` of a decoder with text config `config`."""
-    return LAST if index == config.num_hidden_layers - 1 else config.layer_types[index]
+def layer_part(config, kind: str, index: int) -> str:
+    """Which per-layer program of pass `kind` runs layer `index`."""
+    if kind == PREFILL and index == config.num_hidden_layers - 1:
+        return LAST
+    return config.layer_types[index]
 
 
 def layer_state(tensors: dict[str, torch.Tensor], index: int, last: bool) -> dict:
@@ -193,7 +194,7 @@ def example_inputs(
     ids, *extra = pass_inputs(decoder, kind, length)
     if part is None:
         return weights, caches, ids, *extra
-    index = layer_parts(decoder.config)[part]
+    index = layer_parts(decoder.config, kind)[part]
     last = part == LAST
     hidden = torch.zeros(*ids.shape, decoder.config.hidden_size, dtype=decoder.dtype)
     if kind == PREFILL:  # the mask, the slot, the token types with images

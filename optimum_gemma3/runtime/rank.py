@@ -80,7 +80,7 @@ class RankEngine:
             programs = {
                 kind: {
                     part: backend.flat_call(program(layer_program_name(kind, part, suffix)))
-                    for part in layer_parts(text)
+                    for part in layer_parts(text, kind)
                 }
                 for kind in kinds
             }
@@ -131,29 +131,30 @@ class LayerPasses:
     """Prefill, decode and verify passes run layer by layer through per-layer programs
     (`graphs.program.LayerProgram`), each layer with its own weights and caches.
 
-    The embedding runs here, eagerly (a row lookup and a scale: the same numbers as in a
-    program); every call passes a flat list of tensors, prepared once per layer, so a
-    call costs little beside the layer's own work.
+    The embedding and decode's final norm run here, eagerly (a row lookup and a scale, one
+    norm per token: small next to a layer); every call passes a flat list of tensors,
+    prepared once per layer, so a call costs little beside the layer's own work.
     """
 
     def __init__(self, programs: dict, decoder: Gemma3Decoder, weights: dict, caches: dict):
-        self.programs = programs
-        # The decoder embeds prompts; it holds the loaded weights, not copies.
+        # The decoder embeds and norms; it holds the loaded weights, not copies.
         decoder.load_state_dict(weights, strict=False, assign=True)
         self.decoder = decoder.requires_grad_(False)
         config = decoder.config
-        self.layers = []
-        for index in range(config.num_hidden_layers):
-            part = layer_part(config, index)
-            last = part == LAST
-            state = [*layer_state(weights, index, last).values()]
-            state += layer_state(caches, index, last).values()
-            self.layers.append((part, state))
+        self.passes = {}  # per pass, each layer's program and flat weights and caches
+        for kind, parts in programs.items():
+            layers = []
+            for index in range(config.num_hidden_layers):
+                part = layer_part(config, kind, index)
+                last = part == LAST
+                state = [*layer_state(weights, index, last).values()]
+                state += layer_state(caches, index, last).values()
+                layers.append((parts[part], state))
+            self.passes[kind] = layers
 
     def _run(self, kind: str, h: torch.Tensor, inputs: list[torch.Tensor]) -> torch.Tensor:
-        programs = self.programs[kind]
-        for part, state in self.layers:
-            (h,) = programs[part]([*state, h, *inputs])
+        for program, state in self.passes[kind]:
+            (h,) = program([*state, h, *inputs])
         return h
 
     def prefill(
@@ -165,10 +166,11 @@ class LayerPasses:
         return self._run(PREFILL, h, [mask, slot, *token_types])
 
     def decode(self, kind: str, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Pass `kind` (decode or verify) of tokens `ids` `[B, T]` at `positions`."""
+        """Pass `kind` (decode: the last token's output; verify: every token's) of tokens
+        `ids` `[B, T]` at `positions`."""
         with torch.no_grad():
-            h = self.decoder.embed(ids)
-        return self._run(kind, h, [positions.reshape(ids.shape)])
+            h = self._run(kind, self.decoder.embed(ids), [positions.reshape(ids.shape)])
+            return self.decoder.final_norm(h, every_token=kind == VERIFY)
 
 
 def _load_rank_weights(folder: Path, nc, text, skeleton, rank: int, token) -> dict:
