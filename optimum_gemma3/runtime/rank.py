@@ -19,7 +19,7 @@ from ..artifact.files import (
     weights_name,
 )
 from ..artifact.neuron_config import Gemma3NeuronConfig
-from ..compiler import backend_for_target
+from ..compiler import CPU_TARGETS, backend_for_target
 from ..graphs import Gemma3Decoder
 from ..graphs.config import ImageTokens
 from ..graphs.program import (
@@ -34,6 +34,7 @@ from ..graphs.program import (
     layer_state,
 )
 from ..weights import check_tensors, rank_state_dicts, resolve_checkpoint
+from .allocator import keep_freed_memory
 
 
 class RankEngine:
@@ -54,6 +55,8 @@ class RankEngine:
         image_tokens: ImageTokens | None = None,
     ):
         backend = backend_for_target(nc.target)
+        if nc.target in CPU_TARGETS:  # programs allocate their intermediates on the heap
+            keep_freed_memory()
 
         def program(name: str):
             return backend.load(verify_file(folder, name, nc.artifact_files.get(name)))
