@@ -183,11 +183,11 @@ def _program_jobs(text, neuron_config, suffix: str) -> list[ProgramJob]:
             for kind, length in passes.items()
             for part in layer_parts(text, kind)
         ]
-    elif neuron_config.prefill_any_length:
-        jobs = [ProgramJob(PREFILL, buckets[-1], prefill_program_name(None, suffix))]
     else:
-        jobs = [ProgramJob(PREFILL, b, prefill_program_name(b, suffix)) for b in buckets]
-    if not neuron_config.layer_programs:
+        if neuron_config.prefill_any_length:
+            jobs = [ProgramJob(PREFILL, buckets[-1], prefill_program_name(None, suffix))]
+        else:
+            jobs = [ProgramJob(PREFILL, b, prefill_program_name(b, suffix)) for b in buckets]
         jobs.append(ProgramJob(DECODE, 1, decode_program_name(suffix)))
         if k:
             jobs.append(ProgramJob(VERIFY, k + 1, verify_program_name(suffix)))

@@ -499,9 +499,14 @@ class Gemma3Decoder(nn.Module):
         """
         h = self.embed(input_ids)
         inputs = self.decode_inputs(positions.reshape(input_ids.shape))
-        for index in range(len(self.layers) - 1):
+        for index in range(len(self.layers)):
             h = self.run_layer(index, h, inputs)
-        return self.decode_output(h, inputs, with_head, every_token)
+        if not every_token:
+            return self._output(h, with_head)
+        hidden = self.final_norm(h, every_token=True)
+        if not with_head:
+            return hidden
+        return self.head(hidden.flatten(0, 1)).unflatten(0, hidden.shape[:2])
 
     def decode_inputs(self, positions: torch.Tensor) -> dict[str, LayerInputs]:
         """Each layer type's inputs for new tokens at `positions` `[B, T]`."""
@@ -518,23 +523,6 @@ class Gemma3Decoder(nn.Module):
                 filled=tuple(filled_slots(step, cache_len) for step in steps),
             )
         return inputs
-
-    def decode_output(
-        self,
-        h: torch.Tensor,
-        inputs: dict[str, LayerInputs],
-        with_head: bool,
-        every_token: bool = False,
-    ) -> torch.Tensor:
-        """The last layer, then the final norm (and the head `with_head`) of each row's
-        last token, or of every token."""
-        h = self.run_layer(len(self.layers) - 1, h, inputs)
-        if not every_token:
-            return self._output(h, with_head)
-        hidden = self.final_norm(h, every_token=True)
-        if not with_head:
-            return hidden
-        return self.head(hidden.flatten(0, 1)).unflatten(0, hidden.shape[:2])
 
 
 class PrefillGraph(nn.Module):
@@ -574,7 +562,7 @@ class LayerGraph(nn.Module):
     """One layer's share of a prefill (`prefill`) or decode pass (decode and verify), as a
     module's forward: `(h, *inputs) -> h` for layer `index`; a prefill's last layer ends
     the pass as `prefill_output` does, for the last token only and through the final norm
-    (never the head: per-layer programs leave it, and decode's final norm, to the runtime).
+    (never the head: per-layer programs leave it, and decode's `final_norm`, to the runtime).
 
     The inputs are what the pass's layers are derived from: the attention mask (as
     `embed_prompt` returns it), the cache slot and, with images, the token types for a

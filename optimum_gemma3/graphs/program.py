@@ -73,8 +73,6 @@ class LayerProgram(nn.Module):
         self.index = layer_parts(decoder.config, kind)[part]
         graph = LayerGraph(decoder, self.index, kind == PREFILL)
         self._graph = (graph,)  # outside the module tree, as in `GraphProgram`
-        self.kind = kind
-        self.part = part
 
     def forward(
         self,
