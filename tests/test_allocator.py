@@ -43,8 +43,11 @@ def page_faults(mode: str, **env) -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
 def test_freed_intermediates_are_reused_without_page_faults():
     default, kept = page_faults("default"), page_faults("keep")
-    assert default > 5 * 4 * 5 * 2**20 // 4096 // 2  # glibc gave most pages back each call
-    assert kept < default // 10
+    pages_per_call = 4 * 5 * 2**20 * 4 // 4096  # four buffers of 5M floats
+    # Five calls after the first: kept, they fault in less than half a call's pages in
+    # all; glibc's defaults give some or all of every call's pages back (how many varies).
+    assert kept < pages_per_call // 2
+    assert kept < default
 
 
 def test_thresholds_the_user_set_are_left_alone(monkeypatch):
