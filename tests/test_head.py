@@ -207,6 +207,27 @@ def test_screen_logits_are_exact_integer_sums_within_the_radius(isa, features):
         assert (radius >= l1_radius(x)).all()
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_linear_is_the_screens_product(dtype):
+    """The self-draft's product: the screen's exact int8 sums (the same on AVX2 and VNNI,
+    see above) for every row, in blocks of 8 past 8 rows and with any leading dims, rounded
+    to x's dtype once, and within int8 rounding of the real product."""
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(300, 640, generator=generator)
+    q8, scales = quantize_rows(weight)
+    x = torch.randn(2, 7, 640, generator=generator).to(dtype)  # 14 rows: blocks of 8 and 6
+    out = torch.ops.optimum_gemma3.quantized_linear(x, q8, scales)
+    assert out.shape == (2, 7, 300) and out.dtype == dtype
+    rows = x.reshape(-1, 640)
+    screened = torch.cat([screen_logits(block, q8, scales)[0] for block in rows.split(8)])
+    assert torch.equal(out.reshape(-1, 300), screened.to(dtype))
+    real = x.double() @ weight.double().T
+    assert (out.double() - real).abs().max() < 0.02 * real.abs().max()
+    with pytest.raises(RuntimeError, match="int8 q8"):
+        torch.ops.optimum_gemma3.quantized_linear(x, weight, scales)
+
+
 def quantized_x_worst_case() -> tuple[torch.Tensor, torch.Tensor]:
     """x [1, 640] whose levels lose almost half a step on 639 features, and two tokens the
     screen therefore orders wrongly by more than the weights' rounding alone allows.

@@ -5,6 +5,8 @@
 - `screened_linear.cpp`: `torch.ops.optimum_gemma3.screened_linear`, the exact logits of
   only the tokens that can be among a row's k largest (greedy and top-k sampling steps),
   screened with the int8 head copy `torch.ops.optimum_gemma3.quantize_rows` makes;
+- `quantized_linear.cpp`: `torch.ops.optimum_gemma3.quantized_linear`, few-row products
+  of such an int8 copy (the self-draft's weights);
 - `decode_attention.cpp`: `torch.ops.optimum_gemma3.decode_attention`, one query token
   per row over the filled slots of its KV cache, in the cache's dtype;
 - `dense.cpp`: `torch.ops.optimum_gemma3.dense`, oneDNN's fp32 product for many rows
@@ -40,7 +42,13 @@ logger = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 SOURCES = tuple(
     HERE / name
-    for name in ("skinny_linear.cpp", "screened_linear.cpp", "decode_attention.cpp", "dense.cpp")
+    for name in (
+        "skinny_linear.cpp",
+        "screened_linear.cpp",
+        "quantized_linear.cpp",
+        "decode_attention.cpp",
+        "dense.cpp",
+    )
 )
 HEADERS = tuple(
     HERE / name for name in ("vector.h", "linear_shapes.h", "row_products.h", "screen_products.h")

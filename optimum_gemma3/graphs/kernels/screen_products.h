@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "vector.h"
 
@@ -30,6 +31,28 @@ namespace optimum_gemma3 {
 // The most levels (each side of 0) x may use with K features: int32 sums stay exact.
 inline int64_t x_levels(int64_t K) {
   return std::min<int64_t>(32767, ((int64_t{1} << 31) - 1) / (127 * K));
+}
+
+// The largest |v| of n values, or NaN if any is NaN (a vector max would drop it), 8 lanes
+// at a time.
+template <typename T>
+inline float largest_magnitude(const T* v, int64_t n) {
+  const int64_t n_lanes = n / kLanes * kLanes;
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 largest = _mm256_setzero_ps(), unordered = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n_lanes; i += kLanes) {
+    const __m256 lanes = load_fp32(v + i);
+    largest = _mm256_max_ps(largest, _mm256_andnot_ps(sign, lanes));
+    unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(lanes, lanes, _CMP_UNORD_Q));
+  }
+  float top = horizontal_max(largest);
+  bool nan = _mm256_movemask_ps(unordered) != 0;
+  for (int64_t i = n_lanes; i < n; ++i) {
+    const float value = static_cast<float>(v[i]);
+    nan = nan || std::isnan(value);
+    top = std::max(top, std::abs(value));
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : top;
 }
 
 // x's step (largest |x| / levels, in fp32) and levels round(x / step) (ties to even),

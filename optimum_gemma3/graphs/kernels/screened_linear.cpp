@@ -69,28 +69,6 @@ constexpr int64_t kChunksPerThread = 4;
 constexpr float kHeadroom = 256.0f;
 static_assert(kMaxRows <= 8, "level_products takes 1 to 8 rows");
 
-// The largest |v| of n values, or NaN if any is NaN (a vector max would drop it), 8 lanes
-// at a time.
-template <typename T>
-float largest_magnitude(const T* v, int64_t n) {
-  const int64_t n_lanes = n / kLanes * kLanes;
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  __m256 largest = _mm256_setzero_ps(), unordered = _mm256_setzero_ps();
-  for (int64_t i = 0; i < n_lanes; i += kLanes) {
-    const __m256 lanes = load_fp32(v + i);
-    largest = _mm256_max_ps(largest, _mm256_andnot_ps(sign, lanes));
-    unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(lanes, lanes, _CMP_UNORD_Q));
-  }
-  float top = horizontal_max(largest);
-  bool nan = _mm256_movemask_ps(unordered) != 0;
-  for (int64_t i = n_lanes; i < n; ++i) {
-    const float value = static_cast<float>(v[i]);
-    nan = nan || std::isnan(value);
-    top = std::max(top, std::abs(value));
-  }
-  return nan ? std::numeric_limits<float>::quiet_NaN() : top;
-}
-
 // Row n's scale s = max|w| / 127 and levels q = round(w / s) (ties to even), clamped to
 // +-127, 8 lanes at a time: AVX2's division and rounding are IEEE's, as the scalar
 // tail's are, so every lane gets the scalar formula's value. It runs at every load: for
