@@ -7,8 +7,9 @@
 Batch 1, greedy, bf16, 2 threads. Prompts: general prose (the accuracy prompts' first
 sentences) and an input-grounded one (a source file, then "the same file again": the
 continuation copies the input, where prompt lookup drafts well). For every prompt and
-repeat, alternately: our plain greedy decoding, ours with prompt-lookup drafts (one export
-per `--speculation-length`: the verify program's width is fixed at export), and each
+repeat, alternately: our plain greedy decoding, ours with prompt-lookup drafts and with
+the self-draft (the model's int8 copy; one export per `--speculation-length`: the verify
+program's width is fixed at export), and each
 peer (`scripts/peers.py`: OpenVINO through optimum-intel, llama.cpp on the GGUF file the
 270M comes from, each in its own virtual environment that script makes). Reported per
 engine and prompt kind, medians: time to first token, decode ms/token
@@ -127,6 +128,7 @@ def main() -> None:
             sequence_length=bucket + args.new_tokens + max(lengths) + 8,
             context_encoding_buckets=sorted({64, bucket}),
             speculation_length=k,
+            draft_quantization_dtype="int8",
         )
         print(f"export (speculation_length={k}): {time.perf_counter() - start:.0f} s", flush=True)
     model = models[lengths[0]]
@@ -140,21 +142,28 @@ def main() -> None:
         ensure_peer_envs(sorted({variant.split("-")[0] for variant in peers}))
 
     bandwidths = [memory_bandwidth_gbs()]
-    lookups = {f"ours bf16 + prompt lookup (k={k})": k for k in lengths}
-    engines = ["ours bf16", *lookups, *peers]
+    speculative = {}  # engine: (speculation_length, its generate() options)
+    for k in lengths:
+        speculative[f"ours bf16 + prompt lookup (k={k})"] = k, {"prompt_lookup_num_tokens": k}
+        speculative[f"ours bf16 + self-draft int8 (k={k})"] = (
+            k,
+            {
+                "self_draft": True,
+                "num_assistant_tokens": k,
+            },
+        )
+    engines = ["ours bf16", *speculative, *peers]
     runs = {(engine, kind): [] for engine in engines for kind in all_prompts}
     tokens = {}
-    acceptance = {(engine, kind): [0, 0] for engine in lookups for kind in all_prompts}
+    acceptance = {(engine, kind): [0, 0] for engine in speculative for kind in all_prompts}
     for repeat in range(args.repeats):
         for kind, kind_prompts in all_prompts.items():
             for i, ids in enumerate(kind_prompts):
                 ttft, ms, plain = time_ours(model, ids, args.new_tokens)
                 runs[engines[0], kind].append((ttft, ms))
                 tokens[engines[0], kind, i] = plain
-                for engine, k in lookups.items():
-                    ttft, ms, drafted = time_ours(
-                        models[k], ids, args.new_tokens, prompt_lookup_num_tokens=k
-                    )
+                for engine, (k, options) in speculative.items():
+                    ttft, ms, drafted = time_ours(models[k], ids, args.new_tokens, **options)
                     runs[engine, kind].append((ttft, ms))
                     stats = models[k].speculation_stats
                     acceptance[engine, kind][0] += stats.accepted

@@ -208,3 +208,21 @@ def test_bf16_with_cpu_kernels_no_less_accurate_than_transformers(real_270m, tok
     truth = fp32_logits_of(real_270m, ids, mask, forced)
     problems = less_accurate_than(ours.logits, expected, truth)
     assert not problems, problems
+
+
+def test_self_draft_gives_plain_greedy_tokens_on_the_real_270m(real_270m, tokenizer):
+    """The int8 self-draft on the real model, a left-padded batch with a prompt past the
+    sliding window: the tokens of plain greedy decoding, with most drafts accepted (the
+    copy guesses its own model's tokens well)."""
+    config = Gemma3NeuronModelForCausalLM.get_neuron_config(
+        real_270m, **REAL_SHAPE, speculation_length=3, draft_quantization_dtype="int8"
+    )
+    model = Gemma3NeuronModelForCausalLM.export(real_270m, config)
+    batch = long_and_short_prompts(tokenizer)
+    greedy = dict(max_new_tokens=NEW_TOKENS, do_sample=False)
+    plain = model.generate(batch.input_ids, batch.attention_mask, **greedy)
+    drafted = model.generate(batch.input_ids, batch.attention_mask, self_draft=True, **greedy)
+    assert torch.equal(drafted, plain), tokenizer.batch_decode(drafted[:, -NEW_TOKENS:])
+    stats = model.speculation_stats
+    print(f"270M self-draft: {stats.accepted}/{stats.drafted} drafts accepted")
+    assert stats.acceptance_rate > 0.6

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from optimum_gemma3 import Gemma3NeuronModelForCausalLM
 from optimum_gemma3.artifact.files import ArtifactError, files_below
@@ -65,6 +66,13 @@ def test_user_files_in_the_folder_and_its_subfolders_are_kept(models, tmp_path):
     assert_kept(folder, files)
     reloaded = Gemma3NeuronModelForCausalLM.from_pretrained(folder)
     assert reloaded.neuron_config.speculation_length == 1
+
+
+def test_self_draft_needs_its_programs(models):
+    """A verify program without the self-draft's programs: self_draft=True says how to get them."""
+    model, _ = models
+    with pytest.raises(ValueError, match="draft_quantization_dtype='int8'"):
+        model.generate(torch.tensor([[2, 9, 10]]), self_draft=True, max_new_tokens=2)
 
 
 def test_saving_into_the_current_directory(models, tmp_path, monkeypatch):

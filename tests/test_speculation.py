@@ -30,6 +30,7 @@ SPECULATION = dict(
     sequence_length=96,
     context_encoding_buckets=[32],
     speculation_length=3,
+    draft_quantization_dtype="int8",
     instance_type="cpu",
 )
 NEW_TOKENS = 40
@@ -116,6 +117,12 @@ def test_speculative_tokens_equal_plain_greedy(name, speculative_exports, always
     assert torch.equal(model.generate(ids, mask, assistant_model=assistant, **greedy), plain)
     stats = model.speculation_stats
     assert stats.accepted == stats.drafted > 0  # the same model drafts what it decodes
+
+    # The model's int8 copy: the same tokens, and its drafts mostly right (a rollback or
+    # cache copy gone wrong would leave it guessing from the wrong context).
+    assert torch.equal(model.generate(ids, mask, self_draft=True, **greedy), plain)
+    stats = model.speculation_stats
+    assert stats.verify_calls and stats.acceptance_rate > 0.7, stats.acceptance_rate
 
 
 def test_a_different_assistant_and_processors(speculative_exports, always_check):
@@ -238,6 +245,8 @@ def test_what_speculation_cannot_do_is_refused(speculative_exports, tiny_checkpo
         model.generate(ids, do_sample=True, prompt_lookup_num_tokens=3)
     with pytest.raises(ValueError, match="assistant_model is a str"):
         model.generate(ids, assistant_model="google/gemma-3-270m")
+    with pytest.raises(ValueError, match="prompt_lookup_num_tokens and self_draft: choose one"):
+        model.generate(ids, prompt_lookup_num_tokens=3, self_draft=True)
     _, other = speculative_exports("4b")
     with pytest.raises(ValueError, match="vocabulary of 520 tokens, this model 512"):
         model.generate(ids, assistant_model=Gemma3NeuronModelForCausalLM.from_pretrained(other))
@@ -254,6 +263,14 @@ def test_what_speculation_cannot_do_is_refused(speculative_exports, tiny_checkpo
     with pytest.raises(ValueError, match="shortest KV cache"):
         Gemma3NeuronModelForCausalLM.get_neuron_config(
             source, **{**SPECULATION, "speculation_length": 8}
+        )
+    with pytest.raises(ValueError, match="draft_quantization_dtype='int3' is not a self-draft"):
+        Gemma3NeuronModelForCausalLM.get_neuron_config(
+            source, **{**SPECULATION, "draft_quantization_dtype": "int3"}
+        )
+    with pytest.raises(ValueError, match="set speculation_length=k"):
+        Gemma3NeuronModelForCausalLM.get_neuron_config(
+            source, **{**SPECULATION, "speculation_length": 0}
         )
 
 

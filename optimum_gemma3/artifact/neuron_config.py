@@ -9,7 +9,9 @@ library, torch and the compiler that built the artifact; the ops profile its gra
 traced with (`ops_profile`: which products, attention and gelu forms, and the CPU
 features the kernels they call need); the CPU instruction set the compiled programs need
 (`program_isa`, None for Neuron programs); for `image-text-to-text` exports, the most
-images one prompt may hold (`max_num_images`; None: a text-only artifact).
+images one prompt may hold (`max_num_images`; None: a text-only artifact); the weight
+format of the self-draft for speculative decoding (`draft_quantization_dtype`, named after
+optimum-neuron's `quantization_dtype`; None: no self-draft).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from optimum.neuron.utils.version_utils import get_neuronxcc_version
 from optimum.neuron.version import __version__ as optimum_neuron_version
 
 from ..constants import NEURON_TARGETS, TARGETS
+from ..graphs.draft import DRAFT_DTYPES
 from ..graphs.ops import OpsProfile
 from ..graphs.parallel import TensorParallelLayout
 from ..version import __version__
@@ -79,6 +82,7 @@ class Gemma3NeuronConfig(NxDNeuronConfig):
         ops_profile: OpsProfile | dict | None = None,
         program_isa: str | None = None,
         max_num_images: int | None = None,
+        draft_quantization_dtype: str | None = None,
         **kwargs,
     ):
         # Normalized here, before the base class maps names with its own table: aliases
@@ -116,6 +120,9 @@ class Gemma3NeuronConfig(NxDNeuronConfig):
         # Set for `image-text-to-text` exports, which add the vision program and give the
         # prefill programs image inputs; None: text only.
         self.max_num_images = max_num_images
+        # Set to compile the self-draft's programs (`graphs.draft`): a weight-only copy of
+        # the model in this format, made at load, drafting tokens the verify program checks.
+        self.draft_quantization_dtype = draft_quantization_dtype
 
     @property
     def has_images(self) -> bool:
@@ -240,6 +247,7 @@ class Gemma3NeuronConfig(NxDNeuronConfig):
         if self.on_device_sampling:
             raise ValueError("on_device_sampling=True is not supported yet: use False.")
         self._validate_speculation(text_config)
+        self._validate_self_draft()
 
     def _validate_speculation(self, text_config) -> None:
         """`speculation_length` k > 0 adds a program that checks k drafted tokens per row;
@@ -259,6 +267,28 @@ class Gemma3NeuronConfig(NxDNeuronConfig):
             raise ValueError(
                 f"speculation_length={k}: k + 1 tokens must fit the shortest KV cache "
                 f"({shortest} slots: sequence_length and sliding_window); lower it."
+            )
+
+    def _validate_self_draft(self) -> None:
+        """`draft_quantization_dtype` adds the self-draft's programs: a known format, for an
+        artifact that checks drafts and runs per-layer programs on the host."""
+        dtype = self.draft_quantization_dtype
+        if dtype is None:
+            return
+        if dtype not in DRAFT_DTYPES:
+            raise ValueError(
+                f"draft_quantization_dtype={dtype!r} is not a self-draft format: expected one "
+                f"of {', '.join(DRAFT_DTYPES)} (or None for no self-draft)."
+            )
+        if not self.speculation_length:
+            raise ValueError(
+                f"draft_quantization_dtype={dtype!r} drafts tokens for speculative decoding: "
+                "set speculation_length=k (drafts checked per step) as well."
+            )
+        if not self.layer_programs:
+            raise ValueError(
+                f"draft_quantization_dtype={dtype!r} needs per-layer programs (layer_programs: "
+                "target 'cpu', tp_degree=1): the self-draft runs its layers from the host."
             )
 
 

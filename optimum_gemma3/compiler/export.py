@@ -45,11 +45,13 @@ from ..artifact.files import (
 from ..artifact.neuron_config import Gemma3NeuronConfig
 from ..graphs import Gemma3Decoder, kernels, text_config
 from ..graphs.config import ImageTokens
+from ..graphs.draft import quantize_projections
 from ..graphs.layers import SKINNY_MAX_ROWS
 from ..graphs.ops import OpsProfile
 from ..graphs.parallel import tracing_process_group
 from ..graphs.program import (
     DECODE,
+    DRAFT,
     PREFILL,
     VERIFY,
     VISION,
@@ -178,6 +180,8 @@ def _program_jobs(text, neuron_config, suffix: str) -> list[ProgramJob]:
     k = neuron_config.speculation_length
     if neuron_config.layer_programs:
         passes = {PREFILL: buckets[-1], DECODE: 1, **({VERIFY: k + 1} if k else {})}
+        if neuron_config.draft_quantization_dtype:
+            passes[DRAFT] = 1
         jobs = [
             ProgramJob(kind, length, layer_program_name(kind, part, suffix), part)
             for kind, length in passes.items()
@@ -316,6 +320,8 @@ def compile_program(job: ProgramJob, config, neuron_config, folder: Path) -> Non
         ops,
         ImageTokens.of(config) if neuron_config.has_images else None,
     )
+    if job.kind == DRAFT:
+        quantize_projections(decoder)
     if job.part is None:
         program = GraphProgram(decoder, job.kind, with_head=not neuron_config.head_on_host)
     else:

@@ -68,6 +68,26 @@ class Linear(nn.Linear):
         return out if self.bias is None else out + self.bias
 
 
+class QuantizedLinear(nn.Module):
+    """A `Linear`'s weight-only int8 copy: `q8` `[out, in]` with one fp32 scale per output
+    row (`scales`), as `quantize_rows` makes it from the weight, computed by the
+    `quantized_linear` kernel. The self-draft's products (see `graphs.draft`): half the
+    bytes of bf16 weights to read per step, and an approximation only a draft can use.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.q8 = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=torch.int8), requires_grad=False
+        )
+        self.scales = nn.Parameter(torch.empty(out_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.optimum_gemma3.quantized_linear(x, self.q8, self.scales)
+        return out if self.bias is None else out + self.bias
+
+
 class RowParallelLinear(nn.Linear):
     """A rank's slice of the input features: partial products summed over ranks, then bias.
 

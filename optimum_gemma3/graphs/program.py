@@ -20,6 +20,8 @@ from .vision import Gemma3VisionEncoder
 PREFILL = "prefill"
 DECODE = "decode"
 VERIFY = "verify"
+# The self-draft's decode pass (`graphs.draft`): per-layer programs only.
+DRAFT = "draft"
 VISION = "vision"
 GRAPHS = {PREFILL: PrefillGraph, DECODE: DecodeGraph, VERIFY: VerifyGraph}
 # The part of a prefill that a per-layer program runs beside the layer types': the last
@@ -166,7 +168,7 @@ def image_inputs(decoder: Gemma3Decoder, prompt_length: int) -> tuple:
 
 def pass_inputs(decoder: Gemma3Decoder, kind: str, length: int) -> tuple:
     """Zeros shaped like a pass's inputs: a prefill of `length` tokens (ids, mask, slot and
-    the image inputs), decode, or verify (`length` tokens per row)."""
+    the image inputs), decode (and the self-draft's), or verify (`length` tokens per row)."""
     if kind == PREFILL:  # one prompt into one cache row (see `Gemma3Decoder.prefill`)
         ids = torch.zeros(1, length, dtype=torch.long)
         return (

@@ -42,6 +42,7 @@ from ..graphs import text_config
 from ..runtime.batching import Sampling
 from ..runtime.engine import Gemma3Runtime
 from ..runtime.loop import decode_loop
+from ..runtime.self_draft import SelfDraft
 from ..runtime.speculation import (
     AssistantDrafts,
     PromptLookupDrafts,
@@ -125,6 +126,7 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
         implementation: str | None = None,
         continuous_batching: bool | None = None,
         speculation_length: int = 0,
+        draft_quantization_dtype: str | None = None,
     ) -> Gemma3NeuronConfig:
         """A validated export config for `model_name_or_path`, with automatic defaults.
 
@@ -132,7 +134,9 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
         own Gemma-3 (`optimum_gemma3.integration.registry`); this class compiles with
         optimum-gemma3, so only that value (or None) is accepted here. `continuous_batching`
         defaults, as in optimum-neuron, to `batch_size > 1`. `speculation_length=k` adds the
-        verify program that speculative decoding checks `k` drafted tokens per row with.
+        verify program that speculative decoding checks `k` drafted tokens per row with;
+        `draft_quantization_dtype="int8"` adds the self-draft's programs
+        (`generate(..., self_draft=True)`).
         """
         if implementation not in (None, OPTIMUM_GEMMA3):
             raise ValueError(
@@ -161,6 +165,7 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
             target=target_for_instance_type(instance_type),
             context_encoding_buckets=context_encoding_buckets,
             speculation_length=speculation_length,
+            draft_quantization_dtype=draft_quantization_dtype,
         )
         return neuron_config.finalize(text)
 
@@ -346,6 +351,7 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
         prefix_allowed_tokens_fn=None,
         use_model_defaults: bool | None = None,
         assistant_model: Gemma3NeuronModelForCausalLM | None = None,
+        self_draft: bool = False,
         **kwargs,
     ) -> torch.LongTensor | GenerateDecoderOnlyOutput:
         """transformers' `generate()` for greedy search and sampling on the compiled model.
@@ -363,9 +369,10 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
         Speculative decoding, for greedy search on a model exported with
         `speculation_length=k`: `prompt_lookup_num_tokens=N` drafts from n-grams of the
         prompt and output, `assistant_model=` (another compiled Gemma-3 with the same
-        vocabulary) drafts `num_assistant_tokens`; at most `k` drafts a round, checked by
-        the verify program, so the tokens are plain greedy decoding's. The counts of the
-        last such call are in `speculation_stats`.
+        vocabulary) drafts `num_assistant_tokens`, and so does `self_draft=True` (the model's
+        own int8 copy, on a model also exported with `draft_quantization_dtype="int8"`); at
+        most `k` drafts a round, checked by the verify program, so the tokens are plain
+        greedy decoding's. The counts of the last such call are in `speculation_stats`.
 
         Concurrent calls are safe: they run one at a time (the model holds one set of KV
         caches), each returning what it would alone.
@@ -384,7 +391,7 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
         )
         generation_config = prepared.config
         as_dict = generation_config.return_dict_in_generate
-        drafts = self._draft_source(generation_config, assistant_model)
+        drafts = self._draft_source(generation_config, assistant_model, self_draft)
         # The whole call holds the lock: every step reads and writes the runtime's caches.
         with self._generate_lock, torch.inference_mode():
             if drafts is not None:
@@ -429,17 +436,20 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
             logits=output.raw_logits if generation_config.output_logits else None,
         )
 
-    def _draft_source(self, config: GenerationConfig, assistant_model):
+    def _draft_source(self, config: GenerationConfig, assistant_model, self_draft: bool):
         """Where speculative decoding's drafts come from (None: decode without drafts),
         refusing what it cannot honour."""
         lookup = config.prompt_lookup_num_tokens
-        if assistant_model is None and not lookup:
+        sources = {
+            "prompt_lookup_num_tokens": bool(lookup),
+            "assistant_model": assistant_model is not None,
+            "self_draft": bool(self_draft),
+        }
+        chosen = [name for name, given in sources.items() if given]
+        if not chosen:
             return None
-        if assistant_model is not None and lookup:
-            raise ValueError(
-                "generate() got both assistant_model and prompt_lookup_num_tokens: choose "
-                "one draft source."
-            )
+        if len(chosen) > 1:
+            raise ValueError(f"generate() got {' and '.join(chosen)}: choose one draft source.")
         if assistant_model is not None and not isinstance(
             assistant_model, Gemma3NeuronModelForCausalLM
         ):
@@ -454,9 +464,8 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
         if config.return_dict_in_generate and (config.output_scores or config.output_logits):
             problems.append("output_scores / output_logits")
         if problems:
-            source = "prompt_lookup_num_tokens" if lookup else "assistant_model"
             raise ValueError(
-                f"Speculative decoding ({source}) cannot run with {' and '.join(problems)}: "
+                f"Speculative decoding ({chosen[0]}) cannot run with {' and '.join(problems)}: "
                 "drop the draft source to decode without it."
             )
         if not self.runtime.speculation_length:
@@ -468,6 +477,8 @@ class Gemma3NeuronModelForCausalLM(NeuronModelForCausalLM, GenerationMixin):
             return None
         if lookup:
             return PromptLookupDrafts(config.max_matching_ngram_size, config.eos_token_id)
+        if self_draft:
+            return AssistantDrafts(SelfDraft(self.runtime), int(config._pad_token_tensor))
         assistant = assistant_model.runtime
         ours, theirs = text_config(self.config).vocab_size, text_config(assistant.config).vocab_size
         if ours != theirs:

@@ -22,8 +22,10 @@ from ..artifact.neuron_config import Gemma3NeuronConfig
 from ..compiler import CPU_TARGETS, backend_for_target
 from ..graphs import Gemma3Decoder
 from ..graphs.config import ImageTokens
+from ..graphs.draft import draft_weights, quantize_projections
 from ..graphs.program import (
     DECODE,
+    DRAFT,
     LAST,
     PREFILL,
     VERIFY,
@@ -78,15 +80,31 @@ class RankEngine:
         # Whether the artifact has the verify pass (speculative decoding's check).
         self.verifies = bool(nc.speculation_length)
         self.layer_passes = None
+        # The self-draft's passes and caches (`graphs.draft`), where the artifact has them.
+        self.draft_passes = self.draft_caches = None
         if nc.layer_programs:
-            kinds = (PREFILL, DECODE, VERIFY) if self.verifies else (PREFILL, DECODE)
-            programs = {
-                kind: {
+
+            def pass_programs(kind: str) -> dict:
+                return {
                     part: backend.flat_call(program(layer_program_name(kind, part, suffix)))
                     for part in layer_parts(text, kind)
                 }
-                for kind in kinds
-            }
+
+            kinds = (PREFILL, DECODE, VERIFY) if self.verifies else (PREFILL, DECODE)
+            programs = {kind: pass_programs(kind) for kind in kinds}
+            if nc.draft_quantization_dtype:
+                draft = quantize_projections(
+                    Gemma3Decoder.skeleton(
+                        text, nc.batch_size, nc.sequence_length, nc.torch_dtype, ops=nc.ops_profile
+                    )
+                )
+                self.draft_caches = cache_tensors(draft)
+                for cache in self.draft_caches.values():
+                    cache.zero_()
+                weights = canonical(draft_weights(self.weights, draft))
+                self.draft_passes = LayerPasses(
+                    {DRAFT: pass_programs(DRAFT)}, draft, weights, self.draft_caches
+                )
             self.layer_passes = LayerPasses(programs, decoder, self.weights, self.caches)
             return
         if nc.prefill_any_length:
@@ -169,8 +187,8 @@ class LayerPasses:
         return self._run(PREFILL, h, [mask, slot, *token_types])
 
     def decode(self, kind: str, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Pass `kind` (decode: the last token's output; verify: every token's) of tokens
-        `ids` `[B, T]` at `positions`."""
+        """Pass `kind` (decode and the self-draft's: the last token's output; verify: every
+        token's) of tokens `ids` `[B, T]` at `positions`."""
         with torch.no_grad():
             h = self._run(kind, self.decoder.embed(ids), [positions.reshape(ids.shape)])
             return self.decoder.final_norm(h, every_token=kind == VERIFY)

@@ -10,8 +10,9 @@ the selected token and the rest are dropped from the caches (`CacheRollback`). S
 tokens are plain greedy decoding's, bit for bit, whatever the drafts; good drafts only make
 it faster. Draft sources: `PromptLookupDrafts` (n-grams of the prompt and output, through
 transformers' `PromptLookupCandidateGenerator`) and `AssistantDrafts` (a smaller compiled
-Gemma-3 decoding greedily). Free drafts are checked only where that is expected to pay
-(`CheckingPolicy`): a verify call costs a few decode steps.
+Gemma-3 decoding greedily, or the model's own int8 copy: `self_draft.SelfDraft`). Free
+drafts are checked only where that is expected to pay (`CheckingPolicy`): a verify call
+costs a few decode steps.
 """
 
 from __future__ import annotations
@@ -118,10 +119,12 @@ class AssistantDrafts:
         )
         drafts = []
         for step in range(k + 1):
-            logits, _ = self.runtime.decode(current[:, None], positions + step).near_top(1)
+            step_logits = self.runtime.decode(current[:, None], positions + step)
+            if step == k:  # it only stores the last draft's keys and values: no head
+                break
+            logits, _ = step_logits.near_top(1)
             current = first_argmax(logits.float())
-            if step < k:
-                drafts.append(current)
+            drafts.append(current)
         drafted = torch.stack(drafts, dim=1).tolist()
         return [row if on else [] for row, on in zip(drafted, active, strict=True)]
 
@@ -271,8 +274,8 @@ def speculative_greedy(
 
     policy = CheckingPolicy()
     if any(active):
-        drafts.start(ids, mask)
         first = select(prefill(ids, mask, *aligned), [sequence(r) for r in range(rows)])
+        drafts.start(ids, mask)  # after the target's prefill: a self-draft copies its caches
         for row, token in enumerate(first):
             emit(row, token)
     while any(active):
