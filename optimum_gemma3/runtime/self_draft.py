@@ -6,8 +6,10 @@ Its layers run the artifact's self-draft programs (`graphs.draft`) with int8 cop
 the layers' projections, made at load; its head is the int8 copy of the vocabulary head
 that the host head's screen already holds, so it costs no memory beyond the layers' copy
 and its caches. Its prefill copies the target's caches, filled by the target's prefill
-of the same prompts: the draft starts from the exact keys and values and pays no prefill
-of its own.
+of the same prompts, and after each round it copies the entries the target's verify or
+decode step just wrote (rejected positions put back): the draft always drafts from the
+exact keys and values of the tokens so far, pays no prefill of its own and never decodes
+a token only to store it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..graphs.program import DRAFT
-from .engine import CacheRollback, Gemma3Runtime
+from .engine import Gemma3Runtime
 from .logits import NextTokenLogits
 
 
@@ -38,13 +40,11 @@ class SelfDraft:
         self.pad_token_id = runtime.pad_token_id
         self.batch_size = runtime.batch_size
         self.sequence_length = runtime.sequence_length
-        self.next_positions = torch.zeros(self.batch_size, dtype=torch.long)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """Start from the caches the target's prefill of these prompts just filled."""
         for name, cache in self.caches.items():
             cache.copy_(self.target_caches[name])
-        self.next_positions[: len(attention_mask)] = attention_mask.sum(-1)
 
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor) -> NextTokenLogits:
         """The draft's logits for one token per row at `positions`; the compiled batch's
@@ -61,16 +61,36 @@ class SelfDraft:
             lambda: torch.ops.optimum_gemma3.quantized_linear(hidden, *self.head_copy)
         )
 
-    def save_positions(self, positions: torch.Tensor, width: int, slots=None) -> CacheRollback:
-        """The draft caches' entries at `width` positions from each row's `positions`, to
-        keep only those the target accepts (`CacheRollback.keep`)."""
-        rows = len(positions)
+    # `AssistantDrafts` need not decode the last draft to store it: `TargetEntries` copies it.
+    takes_target_entries = True
+
+    def save_positions(self, positions: torch.Tensor, width: int, slots=None) -> TargetEntries:
+        """The round's `width` positions from each row's `positions`, whose entries the
+        draft takes from the target's caches once the target has judged them."""
         starts = torch.zeros(self.batch_size, dtype=torch.long)
-        starts[:rows] = positions.reshape(-1)
+        starts[: len(positions)] = positions.reshape(-1)
         if int(starts.max()) + width > self.sequence_length:
             raise ValueError(
                 f"Positions up to {int(starts.max()) + width - 1} are beyond the compiled "
                 f"sequence_length={self.sequence_length}."
             )
-        block = starts[:, None] + torch.arange(width)
-        return CacheRollback(self.caches, block, torch.arange(rows), self.next_positions)
+        return TargetEntries(self.caches, self.target_caches, starts[:, None] + torch.arange(width))
+
+
+class TargetEntries:
+    """The target's cache entries at a round's positions `[B, T]`, copied into the draft's
+    caches when the round ends (`keep`): after the target's own rollback, they are the
+    accepted tokens' exact keys and values and, past them, what the slots held before."""
+
+    def __init__(self, caches: dict, target_caches: dict, positions: torch.Tensor):
+        self.caches = caches
+        self.target_caches = target_caches
+        self.rows = torch.arange(positions.shape[0])[:, None].expand_as(positions)
+        self.positions = positions
+
+    def keep(self, counts: torch.Tensor) -> None:
+        """Copy the round's entries (whatever `counts` the target kept: it has already put
+        back the rest)."""
+        for name, cache in self.caches.items():
+            slots = self.positions % cache.shape[2]
+            cache[self.rows, :, slots] = self.target_caches[name][self.rows, :, slots]

@@ -96,7 +96,9 @@ class AssistantDrafts:
     own KV caches (a 270m drafting for a 1b, 4b, 12b or 27b, or a smaller export of the
     same model). Its caches follow the target's accepted tokens: it decodes the pending
     token and its `k` drafts (`k + 1` steps, the last only to store the last draft), then
-    keeps the positions the target accepted and puts back the rest."""
+    keeps the positions the target accepted and puts back the rest. An assistant whose
+    caches take the target's entries after each round (`takes_target_entries`: the
+    self-draft) skips that last step."""
 
     free = False  # its drafts cost decode steps of the assistant: always checked
 
@@ -117,8 +119,9 @@ class AssistantDrafts:
         current = torch.tensor(
             [row[-1] if on else self.pad_token_id for row, on in zip(tokens, active, strict=True)]
         )
+        steps = k if getattr(self.runtime, "takes_target_entries", False) else k + 1
         drafts = []
-        for step in range(k + 1):
+        for step in range(steps):
             step_logits = self.runtime.decode(current[:, None], positions + step)
             if step == k:  # it only stores the last draft's keys and values: no head
                 break
