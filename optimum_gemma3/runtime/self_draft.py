@@ -1,7 +1,7 @@
 """The self-draft at run time: the model's int8 copy decoding greedily in its own KV caches.
 
 It answers what `speculation.AssistantDrafts` asks of an assistant model (`prefill`,
-`decode`, `save_positions`), so drafting, rollback and checking are the assistant's code.
+`decode`, `save_positions`), so drafting and checking are the assistant's code.
 Its layers run the artifact's self-draft programs (`graphs.draft`) with int8 copies of
 the layers' projections, made at load; its head is the int8 copy of the vocabulary head
 that the host head's screen already holds, so it costs no memory beyond the layers' copy
@@ -55,8 +55,7 @@ class SelfDraft:
         all_positions = torch.zeros(self.batch_size, dtype=torch.long)
         all_positions[:rows] = positions.reshape(-1)
         hidden = self.passes.decode(DRAFT, ids, all_positions)[:rows]
-        # Computed when read: the head is a large part of a step, and the last step of a
-        # round only stores keys and values.
+        # Computed when read: the head costs about as much as the layers.
         return NextTokenLogits(
             lambda: torch.ops.optimum_gemma3.quantized_linear(hidden, *self.head_copy)
         )
