@@ -25,3 +25,7 @@ IMPLEMENTATION_ENV = "OPTIMUM_GEMMA3_IMPLEMENTATION"
 CPU_TARGETS = ("cpu",)
 NEURON_TARGETS = ("inf2", "trn1", "trn2")
 TARGETS = CPU_TARGETS + NEURON_TARGETS
+
+# The weight-only formats of a self-draft for speculative decoding
+# (`Gemma3NeuronConfig.draft_quantization_dtype`, see optimum_gemma3.graphs.draft).
+DRAFT_DTYPES = ("int8",)

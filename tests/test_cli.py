@@ -55,6 +55,8 @@ FLAGS = (
     "--token",
     "--no_weights",
     "--implementation",
+    "--speculation_length",
+    "--draft_quantization_dtype",
     "output",
 )
 # Files of the user's in the export's output folder, which the export keeps.
@@ -303,6 +305,7 @@ def test_other_task_is_refused(monkeypatch, capsys, tmp_path):
         (["--sequence_length", "100000"], "sequence_length=100000 exceeds the model's"),
         (["--auto_cast_type", "fp16"], "Gemma-3 activations overflow float16"),
         (["--num_cores", "3"], "tp_degree=3 cannot split this model"),
+        (["--draft_quantization_dtype", "int8"], "set speculation_length=k"),
         (["--instance_type", "trn1", "--sequence_length", "128"], "needs the AWS Neuron SDK"),
         (
             ["--instance_type", "cpu", "--implementation", "optimum-neuron"],

@@ -22,8 +22,7 @@ from optimum.neuron.models.inference.backend.config import NxDNeuronConfig
 from optimum.neuron.utils.version_utils import get_neuronxcc_version
 from optimum.neuron.version import __version__ as optimum_neuron_version
 
-from ..constants import NEURON_TARGETS, TARGETS
-from ..graphs.draft import DRAFT_DTYPES
+from ..constants import DRAFT_DTYPES, NEURON_TARGETS, TARGETS
 from ..graphs.ops import OpsProfile
 from ..graphs.parallel import TensorParallelLayout
 from ..version import __version__

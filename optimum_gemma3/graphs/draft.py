@@ -18,9 +18,6 @@ from torch import nn
 from .decoder import Gemma3Decoder
 from .layers import Linear, QuantizedLinear
 
-# The weight-only formats a self-draft may use (`Gemma3NeuronConfig.draft_quantization_dtype`).
-DRAFT_DTYPES = ("int8",)
-
 
 def quantize_projections(decoder: Gemma3Decoder) -> Gemma3Decoder:
     """`decoder` (a skeleton), its layers' `Linear` projections replaced in place by

@@ -30,6 +30,7 @@ from pathlib import Path
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 
 from ..constants import (
+    DRAFT_DTYPES,
     IMAGE_TASK,
     IMPLEMENTATION_ENV,
     IMPLEMENTATIONS,
@@ -193,6 +194,24 @@ def parse_args_gemma3(parser: argparse.ArgumentParser) -> None:
         "as max_context_length has room for).",
     )
 
+    speculation = parser.add_argument_group("Speculative decoding")
+    speculation.add_argument(
+        "--speculation_length",
+        type=int,
+        default=0,
+        metavar="K",
+        help="Drafted tokens the verify program checks per row and step (default 0: no "
+        "verify program); generate() drafts them with prompt_lookup_num_tokens, "
+        "assistant_model or self_draft=True. cpu target, one core.",
+    )
+    speculation.add_argument(
+        "--draft_quantization_dtype",
+        choices=DRAFT_DTYPES,
+        default=None,
+        help="Adds the self-draft's programs: a weight-only copy of the model in this format, "
+        "made at load, drafting for generate(self_draft=True). Needs --speculation_length.",
+    )
+
 
 class Gemma3NeuronExportCommand(BaseOptimumCLICommand):
     """`optimum-cli export neuron` for Gemma-3, registered only when optimum-neuron's is not."""
@@ -269,6 +288,7 @@ def export_gemma3_if_supported(foreign_args: argparse.Namespace) -> bool:
         "token",
         "implementation",
         "max_num_images",
+        "speculation_length",
     ):
         value = getattr(foreign_args, name, None)
         if value is not None:
@@ -341,6 +361,8 @@ def _export(args: argparse.Namespace, config) -> Path:
         torch_dtype=args.torch_dtype,
         max_context_length=args.max_context_length,
         context_encoding_buckets=buckets,
+        speculation_length=args.speculation_length,
+        draft_quantization_dtype=args.draft_quantization_dtype,
         **image_options,
     )
     logger.info(
