@@ -18,10 +18,13 @@ from transformers.generation import (
 from optimum_gemma3 import Gemma3NeuronModelForCausalLM
 from optimum_gemma3.graphs import Gemma3Decoder
 from optimum_gemma3.graphs.ops import OpsProfile
+from optimum_gemma3.runtime import self_draft
 from optimum_gemma3.runtime.logits import NextTokenLogits
+from optimum_gemma3.runtime.self_draft import DraftHead
 from optimum_gemma3.runtime.speculation import CheckingPolicy, GreedySelection
 from optimum_gemma3.weights import load_weights
 from tests.test_artifacts import exported  # noqa: F401  (session fixture)
+from tests.test_kernels import needs_kernels
 from tests.test_parity import host_profile_with_kernels
 from tests.tiny_models import TEXT_SHAPES, load_reference, tiny_tokenizer
 
@@ -96,7 +99,9 @@ def always_check(monkeypatch):
 
 
 @pytest.mark.parametrize("name", TEXT_SHAPES)
-def test_speculative_tokens_equal_plain_greedy(name, speculative_exports, always_check):
+def test_speculative_tokens_equal_plain_greedy(
+    name, speculative_exports, always_check, monkeypatch
+):
     """Prompt lookup (mostly rejected drafts: rollbacks) and an assistant that is the same
     model (every draft accepted) give plain greedy's tokens, which are transformers'."""
     source, folder = speculative_exports(name)
@@ -123,6 +128,39 @@ def test_speculative_tokens_equal_plain_greedy(name, speculative_exports, always
     assert torch.equal(model.generate(ids, mask, self_draft=True, **greedy), plain)
     stats = model.speculation_stats
     assert stats.verify_calls and stats.acceptance_rate > 0.7, stats.acceptance_rate
+
+    # A draft vocabulary smaller than the tiny vocabulary: drafts of the tokens outside
+    # it come only from the request's own tokens, and the tokens stay plain greedy's.
+    monkeypatch.setattr(self_draft, "DRAFT_VOCABULARY", (range(64),))
+    assert torch.equal(model.generate(ids, mask, self_draft=True, **greedy), plain)
+    assert model.speculation_stats.accepted > 0
+
+
+@needs_kernels
+def test_the_draft_head_covers_its_vocabulary_and_the_requests_tokens(monkeypatch):
+    """The self-draft's head: int8 logits of its id ranges (clipped to the vocabulary) and
+    of every token the request has shown it (prompts, then the target's tokens), -inf
+    elsewhere; a new request forgets the last one's tokens."""
+    monkeypatch.setattr(self_draft, "DRAFT_VOCABULARY", (range(100), range(290, 310)))
+    generator = torch.Generator().manual_seed(0)
+    q8, scales = torch.ops.optimum_gemma3.quantize_rows(torch.randn(300, 128, generator=generator))
+    hidden = torch.randn(2, 128, generator=generator)
+    every = torch.ops.optimum_gemma3.quantized_linear(hidden, q8, scales)
+
+    def drafted(head: DraftHead) -> torch.Tensor:
+        logits = head.logits(hidden)
+        kept = logits[0] > -torch.inf
+        assert torch.equal(logits[:, kept], every[:, kept])
+        return kept.nonzero().flatten()
+
+    head = DraftHead(q8, scales)
+    last = [*range(290, 300)]
+    head.start(torch.tensor([5, 150, 150, 295, 7, 222]))
+    assert drafted(head).tolist() == [*range(100), 150, 222, *last]
+    head.add(torch.tensor([[200], [3]]))
+    assert drafted(head).tolist() == [*range(100), 150, 200, 222, *last]
+    head.start(torch.tensor([120]))
+    assert drafted(head).tolist() == [*range(100), 120, *last]
 
 
 def test_a_different_assistant_and_processors(speculative_exports, always_check):
