@@ -151,6 +151,7 @@ def test_the_draft_head_covers_its_vocabulary_and_the_requests_tokens(monkeypatc
         logits = head.logits(hidden)
         kept = logits[0] > -torch.inf
         assert torch.equal(logits[:, kept], every[:, kept])
+        assert (logits[:, ~kept] == -torch.inf).all()
         return kept.nonzero().flatten()
 
     head = DraftHead(q8, scales)
