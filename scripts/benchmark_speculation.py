@@ -9,10 +9,10 @@ sentences) and an input-grounded one (a source file, then "the same file again":
 continuation copies the input, where prompt lookup drafts well). For every prompt and
 repeat, alternately: our plain greedy decoding, ours with prompt-lookup drafts and with
 the self-draft (the model's int8 copy; one export per `--speculation-length`: the verify
-program's width is fixed at export), and each
-peer (`scripts/peers.py`: OpenVINO through optimum-intel, llama.cpp on the GGUF file the
-270M comes from, each in its own virtual environment that script makes). Reported per
-engine and prompt kind, medians: time to first token, decode ms/token
+program's width is fixed at export), and each peer (`scripts/peers.py`: OpenVINO through
+optimum-intel, llama.cpp on the GGUF file the 270M comes from, each in its own virtual
+environment that script makes). Reported per engine and prompt kind, medians: time to
+first token, decode ms/token
 ((total - TTFT) / (new tokens - 1)), the ratio to our plain decoding, the acceptance rate
 of drafts, the fraction of the bandwidth floor (the bytes a plain bf16 step must read, the
 layers and the head's int8 screen, over the highest read bandwidth probed before and
@@ -145,13 +145,8 @@ def main() -> None:
     speculative = {}  # engine: (speculation_length, its generate() options)
     for k in lengths:
         speculative[f"ours bf16 + prompt lookup (k={k})"] = k, {"prompt_lookup_num_tokens": k}
-        speculative[f"ours bf16 + self-draft int8 (k={k})"] = (
-            k,
-            {
-                "self_draft": True,
-                "num_assistant_tokens": k,
-            },
-        )
+        self_draft = {"self_draft": True, "num_assistant_tokens": k}
+        speculative[f"ours bf16 + self-draft int8 (k={k})"] = k, self_draft
     engines = ["ours bf16", *speculative, *peers]
     runs = {(engine, kind): [] for engine in engines for kind in all_prompts}
     tokens = {}
