@@ -20,19 +20,6 @@ namespace optimum_gemma3 {
 // Input rows multiplied per call of `multiply` (set from Python: kernels.MAX_ROWS).
 constexpr int64_t kMaxRows = OPTIMUM_GEMMA3_MAX_ROWS;
 
-// Requests the `bytes` of the row ~4 KiB past this one's start. bf16 rows carry 2x the
-// elements per byte of fp32 ones, so the loop spends longer per cache line (widening them
-// costs instructions) and the hardware prefetcher alone keeps too few lines in flight.
-// Alternating runs, one input row, on an AVX2 host: the 270M's bf16 layer products
-// (191 MB) 15.9-17.7 -> 14.6-16.8 ms and bf16 head 22.6 -> 19.8 ms (the int8 head's
-// screen, widened to fp32 then, 13.9-16.2 -> 10.8-13.0 ms). fp32 rows were no faster or
-// slower with it, so they do without.
-inline void prefetch_ahead(const void* row, int64_t bytes) {
-  constexpr int64_t kDistance = 4096, kLine = 64;
-  const char* ahead = static_cast<const char*>(row) + kDistance;
-  for (int64_t b = 0; b < bytes; b += kLine) _mm_prefetch(ahead + b, _MM_HINT_T0);
-}
-
 // out[m, n] = sum_k x[m, k] * w[n, k] for weight rows [n0, n1), M input rows of length K.
 // U independent accumulators per input row hide the FMA latency; M * U stays <= 12 registers.
 template <int M, int U, typename W>
