@@ -13,7 +13,6 @@ projections, and its weights are made at load from the model's own
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from .decoder import Gemma3Decoder
 from .layers import Linear, QuantizedLinear
@@ -27,10 +26,7 @@ def quantize_projections(decoder: Gemma3Decoder) -> Gemma3Decoder:
             for name, child in list(parent.named_children()):
                 if type(child) is not Linear:
                     continue
-                quantized = QuantizedLinear(child.in_features, child.out_features)
-                if child.bias is not None:
-                    quantized.bias = nn.Parameter(torch.empty_like(child.bias))
-                setattr(parent, name, quantized)
+                setattr(parent, name, QuantizedLinear(child))
     return decoder
 
 

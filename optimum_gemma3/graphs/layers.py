@@ -75,13 +75,16 @@ class QuantizedLinear(nn.Module):
     bytes of bf16 weights to read per step, and an approximation only a draft can use.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+    def __init__(self, linear: nn.Linear):
+        """The stand-in for `linear`: its shape, and its bias (of its dtype) if it has one."""
         super().__init__()
         self.q8 = nn.Parameter(
-            torch.empty(out_features, in_features, dtype=torch.int8), requires_grad=False
+            torch.empty(linear.out_features, linear.in_features, dtype=torch.int8),
+            requires_grad=False,
         )
-        self.scales = nn.Parameter(torch.empty(out_features), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.scales = nn.Parameter(torch.empty(linear.out_features), requires_grad=False)
+        has_bias = linear.bias is not None
+        self.bias = nn.Parameter(torch.empty_like(linear.bias)) if has_bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.ops.optimum_gemma3.quantized_linear(x, self.q8, self.scales)

@@ -28,16 +28,12 @@ using namespace optimum_gemma3;
 
 static_assert(kMaxRows <= 8, "level_products takes 1 to 8 rows");
 
+// x's dtype and shape against q8 [N, K], then the int8 copy's.
 void check_inputs(const at::Tensor& x, const at::Tensor& q8, const at::Tensor& scales) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "quantized_linear: float32 or bfloat16 x expected, got ", x.scalar_type());
-  TORCH_CHECK(q8.scalar_type() == at::kChar && q8.dim() == 2,
-              "quantized_linear: int8 q8 [N, K] expected, got ", q8.scalar_type(), " ",
-              q8.sizes());
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 1 &&
-                  scales.sym_size(0) == q8.sym_size(0),
-              "quantized_linear: float32 scales [N] (one per row of q8) expected, got ",
-              scales.scalar_type(), " ", scales.sizes());
+  linear_output_sym_sizes("quantized_linear", x, q8);
+  check_int8_copy("quantized_linear", q8, scales, q8.size(0), q8.size(1));
 }
 
 // Rows [m0, m0 + M) of the output (dtype O, [rows, N]) from their fp32 inputs xf.

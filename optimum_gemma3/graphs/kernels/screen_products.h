@@ -20,6 +20,7 @@
 // so every partial sum of K products of |q| <= 127 fits in int32.
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -69,6 +70,18 @@ inline float quantize_input_row(const float* x, int64_t K, int64_t levels, float
     out[k] = static_cast<int16_t>(std::min(limit, std::max(-limit, level)));
   }
   return step;
+}
+
+// Checks the int8 copy (q8, scales) has the shape of a [N, K] weight.
+inline void check_int8_copy(const char* op, const at::Tensor& q8, const at::Tensor& scales,
+                            int64_t N, int64_t K) {
+  TORCH_CHECK(q8.scalar_type() == at::kChar && q8.dim() == 2 && q8.size(0) == N &&
+                  q8.size(1) == K,
+              op, ": q8 must be int8 of the weight's shape [", N, ", ", K, "], got ",
+              q8.scalar_type(), " ", q8.sizes());
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 1 && scales.size(0) == N,
+              op, ": float32 scales [", N, "] expected, got ", scales.scalar_type(), " ",
+              scales.sizes());
 }
 
 // Lane m: the sum of v[m]'s 8 lanes, for M <= 8 vectors (lanes past M: 0). A tree of

@@ -269,18 +269,6 @@ void screen(int64_t M, const float* x, const W* w, const int8_t* q8, const float
   });
 }
 
-// Checks the int8 copy (q8, scales) has the shape of a [N, K] weight.
-void check_int8_copy(const char* op, const at::Tensor& q8, const at::Tensor& scales, int64_t N,
-                     int64_t K) {
-  TORCH_CHECK(q8.scalar_type() == at::kChar && q8.dim() == 2 && q8.size(0) == N &&
-                  q8.size(1) == K,
-              op, ": q8 must be int8 of the weight's shape [", N, ", ", K, "], got ",
-              q8.scalar_type(), " ", q8.sizes());
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 1 && scales.size(0) == N,
-              op, ": float32 scales [", N, "] expected, got ", scales.scalar_type(), " ",
-              scales.sizes());
-}
-
 std::tuple<at::Tensor, at::Tensor> screened_linear_cpu(const at::Tensor& x,
                                                        const at::Tensor& weight,
                                                        const at::Tensor& q8,
