@@ -224,8 +224,10 @@ def test_quantized_linear_is_the_screens_product(dtype):
     assert torch.equal(out.reshape(-1, 300), screened.to(dtype))
     real = x.double() @ weight.double().T
     assert (out.double() - real).abs().max() < 0.02 * real.abs().max()
-    with pytest.raises(RuntimeError, match="int8 q8"):
+    with pytest.raises(RuntimeError, match="quantized_linear: q8 must be int8"):
         torch.ops.optimum_gemma3.quantized_linear(x, weight, scales)
+    with pytest.raises(RuntimeError, match=r"quantized_linear: float32 scales \[300\]"):
+        torch.ops.optimum_gemma3.quantized_linear(x, q8, scales[1:])
 
 
 def quantized_x_worst_case() -> tuple[torch.Tensor, torch.Tensor]:
