@@ -51,6 +51,9 @@ class Gemma3Runtime:
     computing each step's logits only as far as the caller reads them.
     """
 
+    # As an assistant (`speculation.DraftModel`), its caches follow only its own decoding.
+    takes_target_entries = False
+
     def __init__(self, folder: str | Path, token: str | bool | None = None):
         folder = Path(folder)
         self.folder = folder

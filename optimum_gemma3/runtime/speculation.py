@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
@@ -91,6 +92,33 @@ class PromptLookupDrafts:
         """Nothing to roll back."""
 
 
+class RoundEntries(Protocol):
+    """A round's cache entries, saved before the draft decodes them (`save_positions`)."""
+
+    def keep(self, counts: torch.Tensor) -> None:
+        """Keep each row's first `counts` positions of the round; put back the rest."""
+
+
+class DraftModel(Protocol):
+    """What `AssistantDrafts` drives: another export's `Gemma3Runtime`, or the model's own
+    int8 copy (`self_draft.SelfDraft`)."""
+
+    # Whether its caches take the target's entries after each round: then the last draft
+    # need not be decoded only to store its keys and values.
+    takes_target_entries: bool
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> object:
+        """Fill its caches with the prompts (rows 0..rows-1)."""
+
+    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor) -> NextTokenLogits:
+        """Logits of one token per row at `positions`, stored in its caches."""
+
+    def save_positions(
+        self, positions: torch.Tensor, width: int, slots: Sequence[int] | None = None
+    ) -> RoundEntries:
+        """The entries of `width` positions from each row's `positions`, to keep or put back."""
+
+
 class AssistantDrafts:
     """Drafts from another compiled Gemma-3 sharing the tokenizer, decoding greedily in its
     own KV caches (a 270m drafting for a 1b, 4b, 12b or 27b, or a smaller export of the
@@ -102,7 +130,7 @@ class AssistantDrafts:
 
     free = False  # its drafts cost decode steps of the assistant: always checked
 
-    def __init__(self, assistant: Gemma3Runtime, pad_token_id: int):
+    def __init__(self, assistant: DraftModel, pad_token_id: int):
         self.runtime = assistant
         self.pad_token_id = pad_token_id
         self._rollback = None
@@ -119,7 +147,7 @@ class AssistantDrafts:
         current = torch.tensor(
             [row[-1] if on else self.pad_token_id for row, on in zip(tokens, active, strict=True)]
         )
-        steps = k if getattr(self.runtime, "takes_target_entries", False) else k + 1
+        steps = k if self.runtime.takes_target_entries else k + 1
         drafts = []
         for step in range(steps):
             step_logits = self.runtime.decode(current[:, None], positions + step)
