@@ -3,6 +3,7 @@ user's model are silenced, exactly those; the first call does no load-time work.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import warnings
@@ -93,12 +94,20 @@ class Double(torch.nn.Module):
 
 
 @needs_kernels  # the cpu backend loads its kernels with every program
-def test_cpu_backend_compiles_and_loads_without_treespec_warnings(tmp_path):
+def test_cpu_backend_loads_without_treespec_warnings_or_leftover_files(tmp_path, monkeypatch):
+    """The loader unpacks a package under TMPDIR and removes it only when the program is
+    destroyed (never, in a killed process): a loaded program leaves nothing there."""
     backend = CpuBackend()
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temporary))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         backend.compile(Double(), (torch.ones(3),), tmp_path / "double.pt2")
+        leftovers = set(temporary.iterdir())  # the compiler's own, not the load's
         program = backend.load(tmp_path / "double.pt2")
+    assert set(temporary.iterdir()) == leftovers, "the load left files in TMPDIR"
+    assert os.environ["TMPDIR"] == str(temporary)
     assert torch.equal(program(torch.ones(3)), torch.full((3,), 2.0))
     assert not [w for w in caught if "LeafSpec" in str(w.message)]
 

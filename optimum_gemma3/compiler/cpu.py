@@ -12,8 +12,14 @@ dominates at batch 1.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import platform
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -72,10 +78,39 @@ class CpuBackend(CompilerBackend):
         # Programs call the kernels through the dispatcher; the runtime has checked that
         # they load here if the artifact's ops profile uses them.
         kernels.load()
-        with torch_treespec_deprecation_silenced():
+        with torch_treespec_deprecation_silenced(), _extraction_removed_after_load():
             return torch._inductor.aoti_load_package(str(path))
 
     def flat_call(self, program: Program) -> FlatProgram:
         # The loader's own entry point: the loaded program's `__call__` re-reads its input
         # spec and flattens the arguments on every call.
         return program.loader.run
+
+
+_EXTRACTION_LOCK = threading.Lock()  # TMPDIR is the process's: one load at a time
+
+
+@contextlib.contextmanager
+def _extraction_removed_after_load() -> Iterator[None]:
+    """Loads a package with its extracted files in a directory of ours, removed at once.
+
+    Why: the loader unpacks each `.pt2` into a new `aotinductor_*` directory under the
+    temporary directory and removes it only when the program is destroyed, which never
+    happens in a process that is killed, or that exits with a model alive in a thread or a
+    reference cycle: a CI run of the test suite left 54 such directories (2 MB each), a
+    served model one set per restart. Once loaded, the library is mapped and none of the
+    files is read again, so they are deleted as soon as the load returns. The loader finds
+    the temporary directory through TMPDIR, which is process-wide, hence the lock.
+    """
+    with _EXTRACTION_LOCK:
+        directory = tempfile.mkdtemp(prefix="optimum-gemma3-load-")
+        previous = os.environ.get("TMPDIR")
+        os.environ["TMPDIR"] = directory
+        try:
+            yield
+        finally:
+            if previous is None:
+                del os.environ["TMPDIR"]
+            else:
+                os.environ["TMPDIR"] = previous
+            shutil.rmtree(directory, ignore_errors=True)
