@@ -37,6 +37,7 @@ from optimum_gemma3.runtime.selection import (
     first_argmax,
     masked_token_ids,
     screened_selection,
+    screened_top,
     step_scores,
 )
 from tests.test_kernels import needs_kernels, skinny_linear
@@ -485,6 +486,21 @@ def test_masking_every_candidate_falls_back_to_every_logit():
     suppress = SuppressTokensLogitsProcessor([8, 9])
     assert sampled(calls, suppress, TopKLogitsWarper(3)) in (5, 6, 7)
     assert calls == ["near_top(3)", "full"]
+
+
+def test_the_screened_top_needs_k_unmasked_candidates_at_or_above_the_floor():
+    """Token 1's logit is exact but below the floor: a token the screen left out may beat
+    it, so it cannot be among the k largest that the screen vouches for."""
+    logits = torch.tensor([[-torch.inf, 7.0, 10.0, -torch.inf, 9.0]])
+    floor = torch.tensor([8.0])
+    assert screened_top(logits, logits, floor, 1).tolist() == [[2]]
+    assert screened_top(logits, logits, floor, 2).tolist() == [[2, 4]]
+    assert screened_top(logits, logits, floor, 3) is None
+    masked = logits.index_fill(-1, torch.tensor([2]), -torch.inf)
+    assert screened_top(logits, masked, floor, 1).tolist() == [[4]]
+    assert screened_top(logits, masked, floor, 2) is None
+    cooled = masked / 0.5  # a temperature keeps the order
+    assert screened_top(logits, cooled, floor, 1).tolist() == [[4]]
 
 
 @pytest.mark.parametrize("width", [1, 7, 12, 64, 97, 544])

@@ -33,6 +33,7 @@ from .selection import (
     first_argmax,
     masked_token_ids,
     screened_selection,
+    screened_top,
     step_scores,
 )
 
@@ -243,11 +244,9 @@ class GreedySelection:
                 ids.append(masked)
         if ids:
             scores[torch.cat(rows), torch.cat(ids)] = -torch.inf
-        # An exact candidate survives where its score is still >= floor (masked ones are
-        # -inf); with a floor of -inf every logit is exact and any score will do.
-        if not bool(((scores >= floor[:, None]).sum(-1) >= 1).all()):
-            return None
-        return first_argmax(scores).view(len(steps), -1).tolist()
+        # Unmasked, a score is its logit (masking keeps every other score as it was).
+        top = screened_top(scores, scores, floor, 1)
+        return None if top is None else top.view(len(steps), -1).tolist()
 
 
 def speculative_greedy(
