@@ -28,11 +28,11 @@ using namespace optimum_gemma3;
 
 static_assert(kMaxRows <= 8, "level_products takes 1 to 8 rows");
 
-// x's dtype and shape against q8 [N, K], then the int8 copy's.
+// x's dtype and the int8 copy's, once the caller has checked x's shape against q8 [N, K]
+// (computing the output's sizes does).
 void check_inputs(const at::Tensor& x, const at::Tensor& q8, const at::Tensor& scales) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "quantized_linear: float32 or bfloat16 x expected, got ", x.scalar_type());
-  linear_output_sym_sizes("quantized_linear", x, q8);
   check_int8_copy("quantized_linear", q8, scales, q8.size(0), q8.size(1));
 }
 
@@ -64,8 +64,8 @@ void multiply_block(const float* xf, int64_t M, const int8_t* q8, const float* s
 
 at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& q8,
                                 const at::Tensor& scales) {
-  check_inputs(x, q8, scales);
   const auto sizes = linear_output_sizes("quantized_linear", x, q8);
+  check_inputs(x, q8, scales);
   const int64_t N = q8.size(0), K = q8.size(1);
   const at::Tensor rows = x.reshape({-1, K}).contiguous();
   const at::Tensor q = q8.contiguous(), s = scales.contiguous();
@@ -87,8 +87,9 @@ at::Tensor quantized_linear_cpu(const at::Tensor& x, const at::Tensor& q8,
 
 at::Tensor quantized_linear_meta(const at::Tensor& x, const at::Tensor& q8,
                                  const at::Tensor& scales) {
+  const auto sizes = linear_output_sym_sizes("quantized_linear", x, q8);
   check_inputs(x, q8, scales);
-  return at::empty_symint(linear_output_sym_sizes("quantized_linear", x, q8), x.options());
+  return at::empty_symint(sizes, x.options());
 }
 
 }  // namespace
